@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+from django.db.models import Q
+from django.db.models.deletion import ProtectedError
+from django.utils import timezone
+
+EVERYONE = "Everyone"
+
+
+class User(AbstractUser):
+    """A person or service that owns API keys, a balance and group memberships."""
+
+
+class Purpose(models.TextChoices):
+    REALTIME = "realtime", "Real-time"
+    BATCH = "batch", "Batch"
+    PLAYGROUND = "playground", "Playground"
+    PLATFORM = "platform", "Platform"
+
+
+class AccessGroupQuerySet(models.QuerySet["AccessGroup"]):
+    def everyone(self) -> AccessGroup:
+        # Created by a data migration; recreated here if a test flush emptied the table.
+        group, _ = self.get_or_create(name=EVERYONE, defaults={"is_builtin": True})
+        return group
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        if self.filter(is_builtin=True).exists():
+            raise ProtectedError(f"The built-in '{EVERYONE}' group cannot be deleted.", set(self.filter(is_builtin=True)))
+        return super().delete()
+
+
+class AccessGroup(models.Model):
+    """Grants its members access to its models. The built-in Everyone group contains every user."""
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    is_builtin = models.BooleanField(default=False, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    members = models.ManyToManyField(User, blank=True, related_name="access_groups")
+    # Last: from here on `models` in this class body is the field, not django.db.models.
+    models = models.ManyToManyField("gateway.DeployedModel", blank=True, related_name="access_groups")
+
+    objects = AccessGroupQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            # The built-in group can never be renamed, whatever path the write takes.
+            models.CheckConstraint(
+                condition=Q(is_builtin=False) | Q(name=EVERYONE),
+                name="builtin_group_keeps_its_name",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def delete(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.is_builtin:
+            raise ProtectedError(f"The built-in '{EVERYONE}' group cannot be deleted.", {self})
+        return super().delete(*args, **kwargs)
+
+
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    def active(self) -> ApiKeyQuerySet:
+        now = timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+
+
+class ApiKey(models.Model):
+    """A bearer secret for the API. Only its SHA-256 is stored; the secret is shown once."""
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True)
+    purpose = models.CharField(max_length=20, choices=Purpose.choices, default=Purpose.REALTIME)
+    secret_hash = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=16, editable=False, help_text="The first characters of the secret, to recognise it.")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    requests_per_second = models.PositiveIntegerField(null=True, blank=True)
+    burst_size = models.PositiveIntegerField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(burst_size__isnull=True) | Q(requests_per_second__isnull=False),
+                name="api_key_burst_needs_rate",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or self.purpose})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import AccessGroup, ApiKey, Purpose, User
+
+SECRET_PREFIX = "sk-"
+DISPLAY_PREFIX_LENGTH = 10
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    """Return `sk-` + base64url of 32 random bytes (43 characters, no padding)."""
+    return SECRET_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def create_api_key(
+    owner: User,
+    *,
+    name: str = "",
+    purpose: str = Purpose.REALTIME,
+    expires_at: datetime | None = None,
+    requests_per_second: int | None = None,
+    burst_size: int | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its secret. The secret is never stored and never shown again."""
+    if purpose not in Purpose.values:
+        raise ValueError(f"Unknown purpose {purpose!r}: use one of {', '.join(Purpose.values)}.")
+    secret = new_secret()
+    api_key = ApiKey.objects.create(
+        owner=owner,
+        name=name,
+        purpose=purpose,
+        secret_hash=hash_secret(secret),
+        prefix=secret[:DISPLAY_PREFIX_LENGTH],
+        expires_at=expires_at,
+        requests_per_second=requests_per_second,
+        burst_size=burst_size,
+    )
+    return api_key, secret
+
+
+def revoke_api_key(api_key: ApiKey) -> ApiKey:
+    """Revoke a key (soft delete). Revoking twice keeps the first revocation time."""
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+    return api_key
+
+
+def ensure_groups(names: Iterable[str]) -> list[AccessGroup]:
+    """Return the named groups, creating the missing ones."""
+    groups = []
+    for name in names:
+        if not name.strip():
+            raise ValueError("A group name cannot be empty.")
+        group, _ = AccessGroup.objects.get_or_create(name=name.strip())
+        groups.append(group)
+    return groups
+
+
+@transaction.atomic
+def create_user(
+    username: str,
+    *,
+    email: str = "",
+    password: str | None = None,
+    credits: Decimal | None = None,
+    groups: Iterable[str] = (),
+    is_staff: bool = False,
+    is_superuser: bool = False,
+) -> User:
+    """Create a user, optionally with starting credits and group memberships, all or nothing."""
+    from billing.services import grant_credits
+
+    if not username.strip():
+        raise ValueError("The username cannot be empty.")
+    if User.objects.filter(username=username).exists():
+        raise ValueError(f"User '{username}' already exists.")
+    user = User(username=username, email=email, is_staff=is_staff or is_superuser, is_superuser=is_superuser)
+    if password:
+        user.set_password(password)
+    else:
+        user.set_unusable_password()
+    user.save()
+    for group in ensure_groups(groups):
+        group.members.add(user)
+    if credits:
+        grant_credits(user, credits, description="Initial credits")
+    return user

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+from asgiref.sync import sync_to_async
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import User
+from billing.models import (
+    CREDITING_KINDS,
+    NANO,
+    Balance,
+    CreditTransaction,
+    Tariff,
+    Tier,
+    TransactionKind,
+    price_tokens,
+)
+from billing.signals import balance_sign_changed
+
+
+def parse_amount(raw: object) -> Decimal:
+    """Parse a positive credit amount, exact to the nano-credit, or raise ValueError naming it."""
+    try:
+        amount = Decimal(str(raw).strip())
+    except InvalidOperation:
+        raise ValueError(f"'{raw}' is not a number.") from None
+    if not amount.is_finite() or amount <= 0:
+        raise ValueError(f"The amount must be a positive number, not '{raw}'.")
+    if amount != amount.quantize(NANO):
+        raise ValueError(f"'{raw}' has more than 9 decimal places.")
+    return amount
+
+
+def _post(
+    user: User,
+    kind: str,
+    amount: Decimal,
+    *,
+    source_id: str,
+    description: str = "",
+    tier: str = "",
+    created_by: User | None = None,
+) -> CreditTransaction | None:
+    """Insert one ledger row and move the balance with it. Returns None when the source was already posted.
+
+    Caller holds an open transaction.
+    """
+    if CreditTransaction.objects.filter(source_id=source_id).exists():
+        return None
+    balance, _ = Balance.objects.select_for_update().get_or_create(user=user)
+    try:
+        with transaction.atomic():
+            entry = CreditTransaction.objects.create(
+                user=user,
+                kind=kind,
+                amount=amount,
+                source_id=source_id,
+                description=description[:500],
+                tier=tier,
+                created_by=created_by,
+            )
+    except IntegrityError:
+        # A concurrent post of the same source won the race: nothing more to do.
+        if CreditTransaction.objects.filter(source_id=source_id).exists():
+            return None
+        raise
+    before = balance.amount
+    balance.amount = before + (amount if kind in CREDITING_KINDS else -amount)
+    balance.updated_at = timezone.now()
+    balance.save(update_fields=["amount", "updated_at"])
+    if (before > 0) != (balance.amount > 0):
+        transaction.on_commit(lambda: balance_sign_changed.send(sender=Balance, user_id=user.pk))
+    return entry
+
+
+@transaction.atomic
+def grant_credits(
+    user: User,
+    amount: Decimal | str | int,
+    *,
+    description: str = "",
+    source_id: str | None = None,
+    created_by: User | None = None,
+    kind: str = TransactionKind.ADMIN_GRANT,
+) -> CreditTransaction | None:
+    """Add credits to a user's balance (an admin grant unless `kind` says purchase)."""
+    if kind not in CREDITING_KINDS:
+        raise ValueError(f"{kind!r} does not add credits.")
+    return _post(
+        user,
+        kind,
+        parse_amount(amount),
+        source_id=source_id or f"{kind}:{uuid.uuid4()}",
+        description=description,
+        created_by=created_by,
+    )
+
+
+@transaction.atomic
+def remove_credits(
+    user: User,
+    amount: Decimal | str | int,
+    *,
+    description: str = "",
+    source_id: str | None = None,
+    created_by: User | None = None,
+) -> CreditTransaction | None:
+    """Take credits from a user's balance. The balance may go negative."""
+    return _post(
+        user,
+        TransactionKind.ADMIN_REMOVAL,
+        parse_amount(amount),
+        source_id=source_id or f"admin_removal:{uuid.uuid4()}",
+        description=description,
+        created_by=created_by,
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    user_id: int
+    source_id: str
+    model_alias: str
+    tier: str
+    input_tokens: int
+    output_tokens: int
+    cost: Decimal
+
+
+@transaction.atomic
+def charge_usage(usage: Usage) -> CreditTransaction | None:
+    """Charge one request's cost. Idempotent: a second call with the same source changes nothing."""
+    if usage.cost <= 0:
+        return None
+    user = User(pk=usage.user_id)
+    return _post(
+        user,
+        TransactionKind.USAGE,
+        usage.cost,
+        source_id=usage.source_id,
+        description=f"{usage.model_alias}: {usage.input_tokens} in / {usage.output_tokens} out",
+        tier=usage.tier,
+    )
+
+
+acharge_usage = sync_to_async(charge_usage)
+
+
+def tariff_for(model_id: int, tier: str, *, at: datetime | None = None) -> Tariff | None:
+    """Return the tariff in force for a model and tier at a time; flex falls back to realtime."""
+    at = at or timezone.now()
+    tariffs = Tariff.objects.active_at(at).filter(model_id=model_id)
+    tariff = tariffs.filter(tier=tier).first()
+    if tariff is None and tier == Tier.FLEX:
+        tariff = tariffs.filter(tier=Tier.REALTIME).first()
+    return tariff
+
+
+def cost_of(tariff: Tariff | None, input_tokens: int, output_tokens: int) -> Decimal:
+    if tariff is None:
+        return Decimal(0)
+    return price_tokens(tariff.input_price, tariff.output_price, input_tokens, output_tokens)
+
+
+@transaction.atomic
+def set_tariff(
+    model,  # type: ignore[no-untyped-def]
+    *,
+    input_price: Decimal | str | int,
+    output_price: Decimal | str | int,
+    tier: str = Tier.REALTIME,
+    at: datetime | None = None,
+) -> Tariff:
+    """Open a new price for a model and tier, closing the one in force, so past requests keep their price."""
+    if tier not in Tier.values:
+        raise ValueError(f"Unknown tier {tier!r}: use one of {', '.join(Tier.values)}.")
+    prices = []
+    for label, raw in (("input", input_price), ("output", output_price)):
+        try:
+            price = Decimal(str(raw))
+        except InvalidOperation:
+            raise ValueError(f"The {label} price '{raw}' is not a number.") from None
+        if not price.is_finite() or price < 0:
+            raise ValueError(f"The {label} price must be zero or more, not '{raw}'.")
+        prices.append(price)
+    at = at or timezone.now()
+    current = Tariff.objects.select_for_update().current().filter(model=model, tier=tier).first()
+    if current is not None:
+        if current.valid_from >= at:
+            raise ValueError("A newer tariff already exists for this model and tier.")
+        current.valid_until = at
+        current.save(update_fields=["valid_until"])
+    return Tariff.objects.create(model=model, tier=tier, input_price=prices[0], output_price=prices[1], valid_from=at)

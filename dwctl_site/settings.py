@@ -1,0 +1,212 @@
+"""Settings, read from the environment only.
+
+Bad values do not raise here: they are collected in ``ENV_ERRORS`` and reported by the
+``dwctl_site.checks`` system check (and refused by ``asgi.py`` at start), so every problem is
+named at once, with the variable that caused it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+ENV_ERRORS: list[str] = []
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    ENV_ERRORS.append(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off).")
+    return default
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        ENV_ERRORS.append(f"{name}={raw!r} is not an integer.")
+        return default
+    if value < minimum:
+        ENV_ERRORS.append(f"{name}={raw!r} must be at least {minimum}.")
+        return default
+    return value
+
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+
+# --- database -------------------------------------------------------------------------------
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+EMBEDDED = not DATABASE_URL
+try:
+    _database = dj_database_url.parse(DATABASE_URL or f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+except (ValueError, KeyError) as exc:
+    ENV_ERRORS.append(f"DATABASE_URL is not a valid database URL ({exc}).")
+    _database = dj_database_url.parse(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+
+if _database["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI every request may run on another thread: no persistent connections, a pool.
+    _database["CONN_MAX_AGE"] = 0
+    _database["OPTIONS"] = {
+        "pool": {"min_size": 2, "max_size": env_int("GATEWAY_DB_POOL_SIZE", 20), "timeout": 20},
+    }
+elif _database["ENGINE"] == "django.db.backends.sqlite3":
+    # The gateway, its workers and the admin share one file: WAL lets readers run beside the
+    # writer, IMMEDIATE takes the write lock at BEGIN so read-then-write never deadlocks.
+    _database["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    _database["TEST"] = {"NAME": str(BASE_DIR / "test.sqlite3")}
+else:
+    ENV_ERRORS.append(f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://.")
+DATABASES = {"default": _database}
+
+# --- secret key -----------------------------------------------------------------------------
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if EMBEDDED:
+        # The embedded default keeps a generated key beside the database so sessions survive restarts.
+        key_file = BASE_DIR / ".secret_key"
+        if not key_file.exists():
+            key_file.write_text(secrets.token_urlsafe(50))
+            key_file.chmod(0o600)
+        SECRET_KEY = key_file.read_text().strip()
+    else:
+        ENV_ERRORS.append("DJANGO_SECRET_KEY is not set: a deployment with DATABASE_URL needs its own secret key.")
+        SECRET_KEY = "unset-" + secrets.token_urlsafe(32)
+
+# --- redis ----------------------------------------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    ENV_ERRORS.append(f"REDIS_URL={REDIS_URL!r} must start with redis://, rediss:// or unix://.")
+    REDIS_URL = ""
+REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "dwctl")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:channels"},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- gateway --------------------------------------------------------------------------------
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
+GATEWAY_FLEX_WINDOW = env_int("GATEWAY_FLEX_WINDOW", 3600)
+# How often each gateway process checks whether the auth snapshot must be rebuilt.
+GATEWAY_SNAPSHOT_POLL_SECONDS = float(env_int("GATEWAY_SNAPSHOT_POLL_MS", 250)) / 1000
+# Usage rows are written in batches off the request path.
+GATEWAY_ACCOUNTING_FLUSH_SECONDS = float(env_int("GATEWAY_ACCOUNTING_FLUSH_MS", 200)) / 1000
+# Upstream connections per process.
+GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000)
+
+# --- django-q2 ------------------------------------------------------------------------------
+Q_CLUSTER = {
+    "name": "dwctl",
+    "orm": "default",
+    "workers": env_int("GATEWAY_QCLUSTER_WORKERS", 2),
+    # A flex task claims jobs and runs them for at most `timeout` seconds, well inside `retry`,
+    # so django-q2 never delivers the same task twice while it is still running.
+    "timeout": 120,
+    "retry": 180,
+    "max_attempts": 1,
+    "catch_up": False,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "poll": 0.2,
+    "sync": env_bool("GATEWAY_QCLUSTER_SYNC", False),
+}
+
+# --- django ---------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "dwctl_site",
+    "accounts",
+    "billing",
+    "routing_rules",
+    "gateway",
+]
+
+# The /ai/ API never passes through these: gateway.handler serves it with the two async
+# gateway middlewares only (see gateway/middleware.py).
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "dwctl_site.urls"
+ASGI_APPLICATION = "dwctl_site.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "gateway": {"level": os.environ.get("GATEWAY_LOG_LEVEL", "INFO")},
+        "django_q": {"level": "WARNING"},
+    },
+}

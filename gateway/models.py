@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from billing.models import AMOUNT, Tier
+
+
+class Endpoint(models.Model):
+    """An upstream OpenAI-compatible server."""
+
+    name = models.CharField(max_length=100, unique=True)
+    base_url = models.URLField(max_length=500, help_text="Up to and including /v1, e.g. https://api.openai.com/v1")
+    api_key = models.CharField(max_length=500, blank=True, help_text="The upstream credential. Write-only.")
+    auth_header = models.CharField(max_length=100, default="Authorization")
+    auth_prefix = models.CharField(max_length=50, default="Bearer ", blank=True)
+    timeout_seconds = models.PositiveIntegerField(default=600, help_text="Whole upstream call, in seconds.")
+    connect_timeout_seconds = models.PositiveIntegerField(default=10)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.CheckConstraint(condition=models.Q(timeout_seconds__gt=0), name="endpoint_timeout_positive")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelKind(models.TextChoices):
+    CHAT = "chat", "Chat"
+    EMBEDDINGS = "embeddings", "Embeddings"
+
+
+class DeployedModelQuerySet(models.QuerySet["DeployedModel"]):
+    def live(self) -> DeployedModelQuerySet:
+        return self.filter(deleted_at__isnull=True)
+
+
+class DeployedModel(models.Model):
+    """A model clients can call by its alias, served by one endpoint."""
+
+    alias = models.CharField(max_length=200, unique=True, help_text="What clients send as `model`.")
+    upstream_model = models.CharField(max_length=200, help_text="The name the upstream knows it by.")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="models")
+    kind = models.CharField(max_length=20, choices=ModelKind.choices, default=ModelKind.CHAT)
+    requests_per_second = models.PositiveIntegerField(null=True, blank=True)
+    burst_size = models.PositiveIntegerField(null=True, blank=True)
+    capacity = models.PositiveIntegerField(null=True, blank=True, help_text="Max concurrent real-time calls.")
+    flex_concurrency = models.PositiveIntegerField(default=10, help_text="Max concurrent queued (flex) calls.")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    deleted_at = models.DateTimeField(null=True, blank=True, help_text="Set to retire the model (soft delete).")
+
+    objects = DeployedModelQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["alias"]
+        verbose_name = "model"
+        constraints = [
+            models.CheckConstraint(condition=Q(flex_concurrency__gt=0), name="model_flex_concurrency_positive"),
+            models.CheckConstraint(
+                condition=Q(burst_size__isnull=True) | Q(requests_per_second__isnull=False),
+                name="model_burst_needs_rate",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.alias
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    CLAIMED = "claimed", "Claimed"
+    PROCESSING = "processing", "Processing"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELED = "canceled", "Canceled"
+
+
+UNFINISHED_STATES = (JobState.PENDING, JobState.CLAIMED, JobState.PROCESSING)
+# What `GET /v1/responses/{id}` reports for each state.
+OPENAI_STATUS = {
+    JobState.PENDING: "queued",
+    JobState.CLAIMED: "in_progress",
+    JobState.PROCESSING: "in_progress",
+    JobState.COMPLETED: "completed",
+    JobState.FAILED: "failed",
+    JobState.CANCELED: "cancelled",
+}
+
+
+class InferenceRequestQuerySet(models.QuerySet["InferenceRequest"]):
+    def unfinished(self) -> InferenceRequestQuerySet:
+        return self.filter(state__in=UNFINISHED_STATES)
+
+    def claimable(self, now=None) -> InferenceRequestQuerySet:  # type: ignore[no-untyped-def]
+        now = now or timezone.now()
+        return self.filter(state=JobState.PENDING, not_before__lte=now).order_by("not_before")
+
+
+class InferenceRequest(models.Model):
+    """A request that must be remembered: every queued job, and every /v1/responses call."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="inference_requests")
+    api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model_alias = models.CharField(max_length=200)
+    path = models.CharField(max_length=100, help_text="The upstream path, e.g. /chat/completions.")
+    service_tier = models.CharField(max_length=20, choices=Tier.choices, default=Tier.REALTIME)
+    background = models.BooleanField(default=False)
+    state = models.CharField(max_length=20, choices=JobState.choices, default=JobState.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    not_before = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField(null=True, blank=True)
+    request_body = models.JSONField()
+    response_status = models.PositiveIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    input_tokens = models.PositiveIntegerField(null=True, blank=True)
+    output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cost = models.DecimalField(**AMOUNT, null=True, blank=True)
+    claimed_by = models.CharField(max_length=200, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = InferenceRequestQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["not_before"], condition=Q(state="pending"), name="inference_pending_queue"),
+            models.Index(fields=["state", "claimed_at"], name="inference_state_claimed"),
+        ]
+
+    def __str__(self) -> str:
+        return f"resp_{self.id.hex}"
+
+    @property
+    def public_id(self) -> str:
+        return f"resp_{self.id.hex}"
+
+    @property
+    def openai_status(self) -> str:
+        return OPENAI_STATUS[JobState(self.state)]
+
+
+class RequestLog(models.Model):
+    """One row per proxied call, for analytics. Written in batches off the request path."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey("accounts.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    model_alias = models.CharField(max_length=200)
+    path = models.CharField(max_length=100)
+    service_tier = models.CharField(max_length=20, choices=Tier.choices)
+    status_code = models.PositiveIntegerField()
+    latency_ms = models.FloatField()
+    ttfb_ms = models.FloatField(null=True)
+    input_tokens = models.PositiveIntegerField(null=True)
+    output_tokens = models.PositiveIntegerField(null=True)
+    cost = models.DecimalField(**AMOUNT, null=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.status_code}"
+
+
+class SnapshotVersion(models.Model):
+    """One row whose token changes whenever data behind the auth snapshot changes.
+
+    A random token rather than a counter: a counter could come back to a value a process has
+    already seen (after the table is emptied), a new token never does.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    token = models.CharField(max_length=32, blank=True)
+    changed_at = models.DateTimeField(default=timezone.now)

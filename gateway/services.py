@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import transaction
+
+from accounts.models import AccessGroup
+from accounts.services import ensure_groups
+from billing.models import Tier
+from billing.services import set_tariff
+from gateway.models import DeployedModel, Endpoint, ModelKind
+
+
+@transaction.atomic
+def add_endpoint(
+    name: str,
+    base_url: str,
+    *,
+    api_key: str | None = None,
+    timeout_seconds: int | None = None,
+) -> tuple[Endpoint, bool]:
+    """Create an endpoint, or update the one with this name. Returns it and whether it was created."""
+    if not name.strip():
+        raise ValidationError("The endpoint name cannot be empty.")
+    URLValidator(schemes=["http", "https"])(base_url)
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise ValidationError(f"The timeout must be a positive number of seconds, not {timeout_seconds}.")
+    endpoint, created = Endpoint.objects.get_or_create(name=name, defaults={"base_url": base_url})
+    endpoint.base_url = base_url.rstrip("/")
+    if api_key is not None:
+        endpoint.api_key = api_key
+    if timeout_seconds is not None:
+        endpoint.timeout_seconds = timeout_seconds
+    endpoint.save()
+    return endpoint, created
+
+
+@transaction.atomic
+def add_model(
+    alias: str,
+    *,
+    endpoint: Endpoint,
+    upstream_model: str | None = None,
+    kind: str = ModelKind.CHAT,
+    input_price: Decimal | str | None = None,
+    output_price: Decimal | str | None = None,
+    flex_input_price: Decimal | str | None = None,
+    flex_output_price: Decimal | str | None = None,
+    public: bool = False,
+    groups: Iterable[str] = (),
+) -> DeployedModel:
+    """Deploy a model with its prices (credits per 1M tokens) and group access, all or nothing."""
+    if not alias.strip():
+        raise ValidationError("The model alias cannot be empty.")
+    if kind not in ModelKind.values:
+        raise ValidationError(f"Unknown kind '{kind}': use one of {', '.join(ModelKind.values)}.")
+    if DeployedModel.objects.filter(alias=alias).exists():
+        raise ValidationError(f"A model with alias '{alias}' already exists.")
+    model = DeployedModel.objects.create(alias=alias, upstream_model=upstream_model or alias, endpoint=endpoint, kind=kind)
+    for tier, prices in ((Tier.REALTIME, (input_price, output_price)), (Tier.FLEX, (flex_input_price, flex_output_price))):
+        if any(price is not None for price in prices):
+            try:
+                set_tariff(model, tier=tier, input_price=prices[0] or 0, output_price=prices[1] or 0)
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from None
+    attach = list(ensure_groups(groups))
+    if public:
+        attach.append(AccessGroup.objects.everyone())
+    for group in attach:
+        group.models.add(model)
+    return model

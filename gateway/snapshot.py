@@ -1,0 +1,231 @@
+"""The auth snapshot: everything a request needs before the upstream call, held in memory.
+
+A request reads only the current immutable :class:`Snapshot` — no database. The snapshot is
+rebuilt when the data behind it changes: every change moves a random token in
+``SnapshotVersion`` (on commit, from ``gateway.signals``), and each gateway process checks that
+token every ``GATEWAY_SNAPSHOT_POLL_SECONDS`` from a background task on its event loop. A
+change made in this process also marks the snapshot stale at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+
+from accounts.models import AccessGroup, ApiKey
+from billing.models import Balance, Tariff, Tier
+from gateway.models import DeployedModel, SnapshotVersion
+from routing_rules.models import RuleAction, TrafficRule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    id: int
+    user_id: int
+    purpose: str
+    expires_at: float | None
+    requests_per_second: int | None
+    burst_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointEntry:
+    id: int
+    base_url: str
+    auth_headers: dict[str, str]
+    timeout_seconds: float
+    connect_timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    id: int
+    alias: str
+    upstream_model: str
+    kind: str
+    endpoint: EndpointEntry
+    group_ids: frozenset[int]
+    public: bool
+    # purpose -> (action, target alias or "")
+    rules: dict[str, tuple[str, str]]
+    paid_tiers: frozenset[str]
+    requests_per_second: int | None
+    burst_size: int | None
+    capacity: int | None
+    flex_concurrency: int
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    keys: dict[str, KeyEntry] = field(default_factory=dict)
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    user_groups: dict[int, frozenset[int]] = field(default_factory=dict)
+    funded_users: frozenset[int] = frozenset()
+
+    def can_access(self, user_id: int, model: ModelEntry) -> bool:
+        return model.public or not model.group_ids.isdisjoint(self.user_groups.get(user_id, ()))
+
+
+def read_version() -> str:
+    return SnapshotVersion.objects.filter(pk=1).values_list("token", flat=True).first() or ""
+
+
+def build_snapshot() -> Snapshot:
+    """Read the whole snapshot from the database (a handful of queries, whatever the size)."""
+    version = read_version()
+    now = timezone.now()
+    keys = {
+        row["secret_hash"]: KeyEntry(
+            id=row["id"],
+            user_id=row["owner_id"],
+            purpose=row["purpose"],
+            expires_at=row["expires_at"].timestamp() if row["expires_at"] else None,
+            requests_per_second=row["requests_per_second"],
+            burst_size=row["burst_size"],
+        )
+        for row in ApiKey.objects.active()
+        .filter(owner__is_active=True)
+        .values("id", "secret_hash", "owner_id", "purpose", "expires_at", "requests_per_second", "burst_size")
+    }
+    everyone = AccessGroup.objects.everyone()
+    model_groups: dict[int, set[int]] = {}
+    for group_id, model_id in AccessGroup.models.through.objects.values_list("accessgroup_id", "deployedmodel_id"):
+        model_groups.setdefault(model_id, set()).add(group_id)
+    user_groups: dict[int, set[int]] = {}
+    for group_id, user_id in AccessGroup.members.through.objects.values_list("accessgroup_id", "user_id"):
+        user_groups.setdefault(user_id, set()).add(group_id)
+
+    paid: dict[int, dict[str, bool]] = {}
+    for tariff in Tariff.objects.active_at(now).only("model_id", "tier", "input_price", "output_price"):
+        paid.setdefault(tariff.model_id, {})[tariff.tier] = tariff.input_price > 0 or tariff.output_price > 0
+
+    live = {m.id: m for m in DeployedModel.objects.live().select_related("endpoint")}
+    rules: dict[int, dict[str, tuple[str, str]]] = {}
+    for rule in TrafficRule.objects.all():
+        if rule.action == RuleAction.REDIRECT and rule.target_id not in live:
+            continue  # a redirect to a retired model cannot be served; the model serves itself
+        target = live[rule.target_id].alias if rule.target_id else ""
+        rules.setdefault(rule.model_id, {})[rule.purpose] = (rule.action, target)
+
+    models = {}
+    for model in live.values():
+        endpoint = model.endpoint
+        auth_headers = {endpoint.auth_header: f"{endpoint.auth_prefix}{endpoint.api_key}"} if endpoint.api_key else {}
+        prices = paid.get(model.id, {})
+        paid_tiers = {tier for tier, is_paid in prices.items() if is_paid}
+        if Tier.FLEX not in prices and prices.get(Tier.REALTIME):
+            paid_tiers.add(Tier.FLEX)
+        groups = model_groups.get(model.id, set())
+        models[model.alias] = ModelEntry(
+            id=model.id,
+            alias=model.alias,
+            upstream_model=model.upstream_model,
+            kind=model.kind,
+            endpoint=EndpointEntry(
+                id=endpoint.id,
+                base_url=endpoint.base_url.rstrip("/"),
+                auth_headers=auth_headers,
+                timeout_seconds=float(endpoint.timeout_seconds),
+                connect_timeout_seconds=float(endpoint.connect_timeout_seconds),
+            ),
+            group_ids=frozenset(groups - {everyone.id}),
+            public=everyone.id in groups,
+            rules=rules.get(model.id, {}),
+            paid_tiers=frozenset(paid_tiers),
+            requests_per_second=model.requests_per_second,
+            burst_size=model.burst_size,
+            capacity=model.capacity,
+            flex_concurrency=model.flex_concurrency,
+            created=int(model.created_at.timestamp()),
+        )
+    funded = frozenset(Balance.objects.filter(amount__gt=Decimal(0)).values_list("user_id", flat=True))
+    return Snapshot(
+        version=version,
+        keys=keys,
+        models=models,
+        user_groups={user_id: frozenset(ids) for user_id, ids in user_groups.items()},
+        funded_users=funded,
+    )
+
+
+def mark_changed() -> None:
+    """Tell every gateway process (and this one, at once) that the snapshot is out of date."""
+    SnapshotVersion.objects.update_or_create(pk=1, defaults={"token": uuid.uuid4().hex, "changed_at": timezone.now()})
+    _state.dirty = True
+
+
+class _State:
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.dirty = True
+        self.watcher: asyncio.Task[None] | None = None
+        self.lock = threading.Lock()
+
+
+_state = _State()
+
+
+def _rebuild() -> Snapshot:
+    with _state.lock:
+        _state.dirty = False
+        try:
+            snapshot = build_snapshot()
+        except Exception:
+            _state.dirty = True
+            raise
+        finally:
+            close_old_connections()
+        _state.snapshot = snapshot
+        return snapshot
+
+
+def _read_version_closing() -> str:
+    try:
+        return read_version()
+    finally:
+        close_old_connections()
+
+
+async def _watch() -> None:
+    interval = settings.GATEWAY_SNAPSHOT_POLL_SECONDS
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            current = _state.snapshot
+            version = await sync_to_async(_read_version_closing, thread_sensitive=False)()
+            if _state.dirty or current is None or version != current.version:
+                await sync_to_async(_rebuild, thread_sensitive=False)()
+        except Exception:
+            logger.exception("Could not refresh the auth snapshot; keeping the previous one")
+
+
+async def aget_snapshot() -> Snapshot:
+    """Return the current snapshot; the first call in a process builds it and starts the watcher."""
+    snapshot = _state.snapshot
+    if snapshot is None or _state.dirty:
+        snapshot = await sync_to_async(_rebuild, thread_sensitive=False)()
+    loop = asyncio.get_running_loop()
+    if _state.watcher is None or _state.watcher.done() or _state.watcher.get_loop() is not loop:
+        _state.watcher = loop.create_task(_watch())
+    return snapshot
+
+
+def get_snapshot() -> Snapshot:
+    """Sync twin of :func:`aget_snapshot` (workers, tests): always current."""
+    snapshot = _state.snapshot
+    if snapshot is None or _state.dirty:
+        snapshot = _rebuild()
+    return snapshot

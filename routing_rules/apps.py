@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class RoutingRulesConfig(AppConfig):
+    name = "routing_rules"
+    verbose_name = "Traffic rules"

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from accounts.models import Purpose
+from routing_rules.models import RuleAction, TrafficRule
+
+
+@transaction.atomic
+def add_traffic_rule(model, *, purpose: str, action: str, target=None) -> TrafficRule:  # type: ignore[no-untyped-def]
+    """Add a deny or redirect rule for a model and key purpose, validated before it is written."""
+    if purpose not in Purpose.values:
+        raise ValidationError(f"Unknown purpose '{purpose}': use one of {', '.join(Purpose.values)}.")
+    if action not in RuleAction.values:
+        raise ValidationError(f"Unknown action '{action}': use deny or redirect.")
+    if TrafficRule.objects.filter(model=model, purpose=purpose).exists():
+        raise ValidationError(f"'{model.alias}' already has a rule for {purpose} keys.")
+    rule = TrafficRule(model=model, purpose=purpose, action=action, target=target)
+    rule.full_clean()
+    rule.save()
+    return rule

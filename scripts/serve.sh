@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Start the gateway (ASGI) and one flex worker together; Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait || true
+}
+trap stop INT TERM EXIT
+
+$PY manage.py qcluster &
+pids+=($!)
+.venv/bin/uvicorn dwctl_site.asgi:application --host "$HOST" --port "$PORT" \
+  --loop uvloop --http httptools --no-access-log --lifespan on &
+pids+=($!)
+echo "Gateway on http://$HOST:$PORT/ai/v1 — admin on http://$HOST:$PORT/admin/ (Ctrl-C stops)"
+wait -n
