@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey, Purpose, User
 
-SECRET_PREFIX = "sk-"
+SECRET_PREFIX = "sk-"  # noqa: S105  (a format marker, not a secret)
 DISPLAY_PREFIX_LENGTH = 10
 
 

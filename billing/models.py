@@ -43,7 +43,9 @@ class Tariff(models.Model):
     class Meta:
         ordering = ["model", "tier", "-valid_from"]
         constraints = [
-            models.CheckConstraint(condition=Q(input_price__gte=0) & Q(output_price__gte=0), name="tariff_prices_not_negative"),
+            models.CheckConstraint(
+                condition=Q(input_price__gte=0) & Q(output_price__gte=0), name="tariff_prices_not_negative"
+            ),
             models.CheckConstraint(
                 condition=Q(valid_until__isnull=True) | Q(valid_until__gt=F("valid_from")),
                 name="tariff_valid_span",
@@ -119,10 +121,6 @@ class CreditTransaction(models.Model):
     def __str__(self) -> str:
         return f"{self.kind} {self.signed_amount} for {self.user_id}"
 
-    @property
-    def signed_amount(self) -> Decimal:
-        return self.amount if self.kind in CREDITING_KINDS else -self.amount
-
     def save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not self._state.adding:
             raise AppendOnlyError("Ledger rows are never updated.")
@@ -131,11 +129,17 @@ class CreditTransaction(models.Model):
     def delete(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise AppendOnlyError("Ledger rows are never deleted.")
 
+    @property
+    def signed_amount(self) -> Decimal:
+        return self.amount if self.kind in CREDITING_KINDS else -self.amount
+
 
 class Balance(models.Model):
     """A user's current credits: the ledger's sum, kept in step in the same transaction."""
 
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="balance")
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="balance"
+    )
     amount = models.DecimalField(**AMOUNT, default=Decimal(0))
     updated_at = models.DateTimeField(default=timezone.now)
 

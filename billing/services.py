@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -31,6 +32,8 @@ def parse_amount(raw: object) -> Decimal:
         raise ValueError(f"'{raw}' is not a number.") from None
     if not amount.is_finite() or amount <= 0:
         raise ValueError(f"The amount must be a positive number, not '{raw}'.")
+    if amount >= 10**15:  # the ledger holds 24 digits, 9 of them decimals
+        raise ValueError(f"'{raw}' is too large: the amount must be below 1,000,000,000,000,000.")
     if amount != amount.quantize(NANO):
         raise ValueError(f"'{raw}' has more than 9 decimal places.")
     return amount
@@ -132,33 +135,76 @@ class Usage:
     cost: Decimal
 
 
-@transaction.atomic
 def charge_usage(usage: Usage) -> CreditTransaction | None:
     """Charge one request's cost. Idempotent: a second call with the same source changes nothing."""
-    if usage.cost <= 0:
-        return None
-    user = User(pk=usage.user_id)
-    return _post(
-        user,
-        TransactionKind.USAGE,
-        usage.cost,
-        source_id=usage.source_id,
-        description=f"{usage.model_alias}: {usage.input_tokens} in / {usage.output_tokens} out",
-        tier=usage.tier,
+    charged = charge_usages([usage])
+    return charged[0] if charged else None
+
+
+@transaction.atomic
+def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
+    """Charge many requests in one transaction: one ledger row per new source, one balance write per user.
+
+    Sources already in the ledger and zero costs are skipped, so replaying a batch charges nothing twice.
+    """
+    wanted = {usage.source_id: usage for usage in usages if usage.cost > 0}
+    if not wanted:
+        return []
+    seen = set(CreditTransaction.objects.filter(source_id__in=list(wanted)).values_list("source_id", flat=True))
+    fresh = [usage for source, usage in wanted.items() if source not in seen]
+    if not fresh:
+        return []
+    by_user: dict[int, Decimal] = {}
+    for usage in fresh:
+        by_user[usage.user_id] = by_user.get(usage.user_id, Decimal(0)) + usage.cost
+    # Lock balances in a fixed order so concurrent batches cannot deadlock.
+    for user_id in sorted(by_user):
+        Balance.objects.get_or_create(user_id=user_id)
+    balances = {
+        b.user_id: b
+        for b in Balance.objects.select_for_update().filter(user_id__in=sorted(by_user)).order_by("user_id")
+    }
+    entries = CreditTransaction.objects.bulk_create(
+        [
+            CreditTransaction(
+                user_id=usage.user_id,
+                kind=TransactionKind.USAGE,
+                amount=usage.cost,
+                source_id=usage.source_id,
+                description=f"{usage.model_alias}: {usage.input_tokens} in / {usage.output_tokens} out"[:500],
+                tier=usage.tier,
+            )
+            for usage in fresh
+        ]
     )
+    now = timezone.now()
+    for user_id, total in by_user.items():
+        balance = balances[user_id]
+        before = balance.amount
+        balance.amount = before - total
+        balance.updated_at = now
+        balance.save(update_fields=["amount", "updated_at"])
+        if (before > 0) != (balance.amount > 0):
+            transaction.on_commit(lambda user_id=user_id: balance_sign_changed.send(sender=Balance, user_id=user_id))
+    return entries
 
 
 acharge_usage = sync_to_async(charge_usage)
 
 
+def select_tariff(tariffs: Iterable[Tariff], tier: str, at: datetime) -> Tariff | None:
+    """Pick, from one model's tariffs, the one in force for a tier at a time; flex falls back to realtime."""
+    in_force = {t.tier: t for t in tariffs if t.valid_from <= at and (t.valid_until is None or t.valid_until > at)}
+    tariff = in_force.get(tier)
+    if tariff is None and tier == Tier.FLEX:
+        tariff = in_force.get(Tier.REALTIME)
+    return tariff
+
+
 def tariff_for(model_id: int, tier: str, *, at: datetime | None = None) -> Tariff | None:
     """Return the tariff in force for a model and tier at a time; flex falls back to realtime."""
     at = at or timezone.now()
-    tariffs = Tariff.objects.active_at(at).filter(model_id=model_id)
-    tariff = tariffs.filter(tier=tier).first()
-    if tariff is None and tier == Tier.FLEX:
-        tariff = tariffs.filter(tier=Tier.REALTIME).first()
-    return tariff
+    return select_tariff(Tariff.objects.active_at(at).filter(model_id=model_id), tier, at)
 
 
 def cost_of(tariff: Tariff | None, input_tokens: int, output_tokens: int) -> Decimal:

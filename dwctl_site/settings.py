@@ -46,7 +46,9 @@ def env_int(name: str, default: int, *, minimum: int = 1) -> int:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-ALLOWED_HOSTS = [h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
+ALLOWED_HOSTS = [
+    h.strip() for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
+]
 
 # --- database -------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
@@ -73,7 +75,9 @@ elif _database["ENGINE"] == "django.db.backends.sqlite3":
     }
     _database["TEST"] = {"NAME": str(BASE_DIR / "test.sqlite3")}
 else:
-    ENV_ERRORS.append(f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://.")
+    ENV_ERRORS.append(
+        f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://."
+    )
 DATABASES = {"default": _database}
 
 # --- secret key -----------------------------------------------------------------------------
@@ -114,8 +118,14 @@ GATEWAY_FLEX_WINDOW = env_int("GATEWAY_FLEX_WINDOW", 3600)
 GATEWAY_SNAPSHOT_POLL_SECONDS = float(env_int("GATEWAY_SNAPSHOT_POLL_MS", 250)) / 1000
 # Usage rows are written in batches off the request path.
 GATEWAY_ACCOUNTING_FLUSH_SECONDS = float(env_int("GATEWAY_ACCOUNTING_FLUSH_MS", 200)) / 1000
-# Upstream connections per process.
+# Upstream connections per process, and the library under gateway/clients.py.
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000)
+GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp")
+if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
+    ENV_ERRORS.append(f"GATEWAY_UPSTREAM_TRANSPORT={GATEWAY_UPSTREAM_TRANSPORT!r} must be aiohttp or httpx.")
+    GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
+# Django refuses larger bodies itself; the API enforces GATEWAY_MAX_BODY_BYTES with its own 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 
 # --- django-q2 ------------------------------------------------------------------------------
 Q_CLUSTER = {

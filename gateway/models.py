@@ -25,7 +25,9 @@ class Endpoint(models.Model):
 
     class Meta:
         ordering = ["name"]
-        constraints = [models.CheckConstraint(condition=models.Q(timeout_seconds__gt=0), name="endpoint_timeout_positive")]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(timeout_seconds__gt=0), name="endpoint_timeout_positive")
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -184,3 +186,6 @@ class SnapshotVersion(models.Model):
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     token = models.CharField(max_length=32, blank=True)
     changed_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.token

@@ -16,13 +16,12 @@ import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey
 from billing.models import Balance, Tariff, Tier
+from gateway.db import in_thread
 from gateway.models import DeployedModel, SnapshotVersion
 from routing_rules.models import RuleAction, TrafficRule
 
@@ -186,17 +185,8 @@ def _rebuild() -> Snapshot:
         except Exception:
             _state.dirty = True
             raise
-        finally:
-            close_old_connections()
         _state.snapshot = snapshot
         return snapshot
-
-
-def _read_version_closing() -> str:
-    try:
-        return read_version()
-    finally:
-        close_old_connections()
 
 
 async def _watch() -> None:
@@ -205,9 +195,9 @@ async def _watch() -> None:
         await asyncio.sleep(interval)
         try:
             current = _state.snapshot
-            version = await sync_to_async(_read_version_closing, thread_sensitive=False)()
+            version = await in_thread(read_version)
             if _state.dirty or current is None or version != current.version:
-                await sync_to_async(_rebuild, thread_sensitive=False)()
+                await in_thread(_rebuild)
         except Exception:
             logger.exception("Could not refresh the auth snapshot; keeping the previous one")
 
@@ -216,7 +206,7 @@ async def aget_snapshot() -> Snapshot:
     """Return the current snapshot; the first call in a process builds it and starts the watcher."""
     snapshot = _state.snapshot
     if snapshot is None or _state.dirty:
-        snapshot = await sync_to_async(_rebuild, thread_sensitive=False)()
+        snapshot = await in_thread(_rebuild)
     loop = asyncio.get_running_loop()
     if _state.watcher is None or _state.watcher.done() or _state.watcher.get_loop() is not loop:
         _state.watcher = loop.create_task(_watch())

@@ -1,0 +1,154 @@
+"""Billing and request logs, written in batches off the request path.
+
+A finished call becomes a :class:`CallRecord` appended to an in-memory list; a task on the
+event loop writes the list every ``GATEWAY_ACCOUNTING_FLUSH_SECONDS`` in one transaction (usage
+ledger rows, balances, request-log rows), and whatever is left is written at shutdown. Charges
+are keyed by request id, so writing a record twice never charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import ApiKey
+from billing.models import Tariff
+from billing.services import Usage, charge_usages, cost_of, select_tariff
+from gateway.db import in_thread
+from gateway.models import RequestLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    request_id: str
+    user_id: int
+    api_key_id: int | None
+    model_id: int
+    model_alias: str
+    path: str
+    tier: str
+    status_code: int
+    started_at: float
+    latency_ms: float
+    ttfb_ms: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def is_billable(record: CallRecord) -> bool:
+    return record.status_code < 400 and (record.input_tokens or record.output_tokens) is not None
+
+
+def write_records(records: list[CallRecord]) -> None:
+    """Charge and log a batch in one transaction."""
+    started = {id(r): datetime.fromtimestamp(r.started_at, tz=UTC) for r in records}
+    tariffs: dict[int, list[Tariff]] = {}
+    for tariff in Tariff.objects.filter(model_id__in={r.model_id for r in records if is_billable(r)}):
+        tariffs.setdefault(tariff.model_id, []).append(tariff)
+    costs: dict[str, Decimal | None] = {}
+    usages = []
+    for record in records:
+        cost = None
+        if is_billable(record):
+            tariff = select_tariff(tariffs.get(record.model_id, ()), record.tier, started[id(record)])
+            cost = cost_of(tariff, record.input_tokens or 0, record.output_tokens or 0)
+            usages.append(
+                Usage(
+                    user_id=record.user_id,
+                    source_id=record.request_id,
+                    model_alias=record.model_alias,
+                    tier=record.tier,
+                    input_tokens=record.input_tokens or 0,
+                    output_tokens=record.output_tokens or 0,
+                    cost=cost,
+                )
+            )
+        costs[record.request_id] = cost
+    with transaction.atomic():
+        charge_usages(usages)
+        RequestLog.objects.bulk_create(
+            [
+                RequestLog(
+                    request_id=r.request_id,
+                    user_id=r.user_id,
+                    api_key_id=r.api_key_id,
+                    model_alias=r.model_alias,
+                    path=r.path,
+                    service_tier=r.tier,
+                    status_code=r.status_code,
+                    latency_ms=r.latency_ms,
+                    ttfb_ms=r.ttfb_ms,
+                    input_tokens=r.input_tokens,
+                    output_tokens=r.output_tokens,
+                    cost=costs[r.request_id],
+                    created_at=started[id(r)],
+                )
+                for r in records
+            ],
+            ignore_conflicts=True,
+        )
+        key_ids = {r.api_key_id for r in records if r.api_key_id is not None}
+        if key_ids:
+            # A plain UPDATE: no signal, so last-used times never invalidate the auth snapshot.
+            ApiKey.objects.filter(id__in=key_ids).update(last_used_at=timezone.now())
+
+
+class _Accountant:
+    def __init__(self) -> None:
+        self.pending: list[CallRecord] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    def add(self, record: CallRecord) -> None:
+        self.pending.append(record)
+        loop = asyncio.get_running_loop()
+        if self.flusher is None or self.flusher.done() or self.flusher.get_loop() is not loop:
+            self.flusher = loop.create_task(self._run())
+
+    def _take(self) -> list[CallRecord]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def flush(self) -> None:
+        """Write everything pending now (sync: shutdown, tests)."""
+        batch = self._take()
+        if batch:
+            write_records(batch)
+
+    async def aflush(self) -> None:
+        await in_thread(self.flush)
+
+    async def _run(self) -> None:
+        interval = settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS
+        while True:
+            await asyncio.sleep(interval)
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                await in_thread(write_records, batch)
+            except Exception:
+                # Keep the records: the next flush tries again, and request ids make it idempotent.
+                logger.exception("Could not write %d call records; will retry", len(batch))
+                self.pending[:0] = batch
+
+
+accountant = _Accountant()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if accountant.pending:
+        try:
+            accountant.flush()
+        except Exception:
+            logger.exception("Lost %d call records at exit", len(accountant.pending))

@@ -1,0 +1,97 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, so SDKs raise typed exceptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from django.http import HttpResponse
+
+from accounts.models import Purpose
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_denied",
+    404: "not_found_error",
+    408: "timeout",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    504: "timeout",
+}
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param, "code": code}}
+    )
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> HttpResponse:
+    response = HttpResponse(
+        error_body(status, message, param=param, code=code), status=status, content_type="application/json"
+    )
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+# --- denials: a bare 403 from routing that carries its reason, rendered by enrichment ---------
+
+NO_ACCESS = "no_access"
+BLOCKED_BY_RULE = "blocked_by_rule"
+BALANCE_TOO_LOW = "balance_too_low"
+
+MODALITY_LABELS = {
+    Purpose.BATCH: "Batch",
+    Purpose.REALTIME: "Real-time",
+    Purpose.PLAYGROUND: "Playground",
+    Purpose.PLATFORM: "Platform",
+}
+
+
+def modality_label(purpose: str) -> str:
+    if not purpose:
+        return "This"
+    return MODALITY_LABELS.get(purpose, purpose[:1].upper() + purpose[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    reason: str
+    model: str
+    purpose: str = ""
+
+
+def denied(reason: str, model: str, purpose: str = "") -> HttpResponse:
+    """A plain 403 that remembers why; ErrorEnrichmentMiddleware turns it into the specific error."""
+    response = HttpResponse(b"Forbidden", status=403, content_type="text/plain")
+    response.denial = Denial(reason, model, purpose)  # type: ignore[attr-defined]
+    return response
+
+
+def render_denial(denial: Denial) -> HttpResponse:
+    if denial.reason == NO_ACCESS:
+        return openai_error(
+            403,
+            f"You do not have access to '{denial.model}'. Please contact your administrator to request access.",
+            code="model_access_denied",
+        )
+    if denial.reason == BLOCKED_BY_RULE:
+        return openai_error(
+            403,
+            f"{modality_label(denial.purpose)} access to '{denial.model}' is blocked by a routing rule. "
+            "Please contact your administrator to request access.",
+            code="blocked_by_routing_rule",
+        )
+    return openai_error(402, "Account balance too low. Please add credits to continue.", code="insufficient_credits")

@@ -1,0 +1,136 @@
+"""A lean ASGI handler for the /ai/ API, still Django's views, URLs and middleware.
+
+Django's stock ``ASGIHandler`` pays, on every request, for the project's sync middleware (a
+thread hop each), the ``request_started``/``request_finished`` receivers and a thread-sensitive
+context (two threads started per request) — most of its per-request cost, measured in
+``bench/``. The API needs none of it: its middleware is async, and code that touches the
+database manages its own connections in worker threads. So this handler:
+
+- runs only ``GATEWAY_MIDDLEWARE`` (the two async gateway middlewares);
+- reads the body into memory with the size limit enforced while reading (413 early);
+- sends no request signals and closes the response on the event loop.
+
+It keeps Django's disconnect handling: a client that goes away cancels the view, and so
+closes the upstream stream it was relaying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+from django.urls import set_script_prefix
+from django.utils.module_loading import import_string
+
+from gateway.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_MIDDLEWARE = [
+    "gateway.middleware.ErrorEnrichmentMiddleware",
+    "gateway.middleware.TierRoutingMiddleware",
+]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class GatewayHandler(ASGIHandler):
+    def load_middleware(self, is_async: bool = True) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        handler = convert_exception_to_response(self._get_response_async)
+        for path in reversed(GATEWAY_MIDDLEWARE):
+            handler = convert_exception_to_response(import_string(path)(handler))
+        self._middleware_chain = handler
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await self.handle(scope, receive, send)
+
+    async def read_limited_body(self, receive) -> io.BytesIO:  # type: ignore[no-untyped-def]
+        limit = settings.GATEWAY_MAX_BODY_BYTES
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestAborted()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return io.BytesIO(b"".join(chunks))
+
+    async def handle(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            body_file = await self.read_limited_body(receive)
+        except RequestAborted:
+            return
+        except BodyTooLarge:
+            message = f"The request body is larger than the limit of {settings.GATEWAY_MAX_BODY_BYTES} bytes."
+            await send_json(send, 413, error_body(413, message, code="request_too_large"))
+            return
+        set_script_prefix(scope.get("root_path", "") or "/")
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            await self.send_response(error_response, send)
+            return
+
+        async def respond():  # type: ignore[no-untyped-def]
+            response = await self.run_get_response(request)
+            try:
+                await self.send_response(response, send)
+            finally:
+                response.close()
+
+        serving = asyncio.create_task(respond())
+        listening = asyncio.create_task(self.listen_for_disconnect(receive))
+        await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)
+        for task in (listening, serving):
+            if not task.done():
+                task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, RequestAborted):
+                pass
+            except Exception:
+                logger.exception("Unhandled error while serving %s", scope.get("path"))
+
+
+async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-untyped-def]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """ASGI lifespan: write pending usage and close the upstream client at shutdown."""
+    from gateway import clients
+    from gateway.accounting import accountant
+
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            try:
+                await accountant.aflush()
+                await clients.aclose()
+            except Exception:
+                logger.exception("Error during shutdown")
+            await send({"type": "lifespan.shutdown.complete"})
+            return

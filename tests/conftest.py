@@ -1,0 +1,121 @@
+"""Live servers for end-to-end tests: the fake upstream and the gateway on a free port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+
+import openai
+import pytest
+import uvicorn
+
+from accounts.models import User
+from accounts.services import create_api_key
+from billing.models import Balance
+from gateway.models import DeployedModel
+from gateway.services import add_endpoint, add_model
+from tests.upstream import FakeUpstream, free_port
+
+PRICE_IN = Decimal("0.50")
+PRICE_OUT = Decimal("1.50")
+FLEX_IN = Decimal("0.25")
+FLEX_OUT = Decimal("0.75")
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+class ThreadedServer:
+    def __init__(self) -> None:
+        from dwctl_site.asgi import application
+
+        self.port = free_port()
+        config = uvicorn.Config(application, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("The gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def gateway_server() -> Iterator[ThreadedServer]:
+    server = ThreadedServer().start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class World:
+    upstream: FakeUpstream
+    url: str
+    paid: DeployedModel
+    free: DeployedModel
+    embed: DeployedModel
+
+    def client(self, secret: str, **kwargs) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+        return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **kwargs)
+
+
+@pytest.fixture
+def world(transactional_db, upstream, gateway_server, user_with_credits, user_without_credits, outsider) -> World:
+    """Models on the fake upstream: a paid chat model and a paid embeddings model for the research
+    group, a free public model, and failure models named after their upstream behaviour."""
+    endpoint, _ = add_endpoint("fake", upstream.base_url, api_key="upstream-secret", timeout_seconds=3)
+    prices = {
+        "input_price": PRICE_IN,
+        "output_price": PRICE_OUT,
+        "flex_input_price": FLEX_IN,
+        "flex_output_price": FLEX_OUT,
+    }
+    paid = add_model("gpt-test", endpoint=endpoint, upstream_model="gpt-upstream", groups=["research"], **prices)
+    embed = add_model("embed-test", endpoint=endpoint, kind="embeddings", groups=["research"], **prices)
+    free = add_model("free-model", endpoint=endpoint, public=True)
+    for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream"):
+        add_model(behaviour, endpoint=endpoint, groups=["research"], **prices)
+    upstream.requests.clear()
+    return World(upstream=upstream, url=gateway_server.url, paid=paid, free=free, embed=embed)
+
+
+@pytest.fixture
+def make_key(transactional_db) -> Callable[..., str]:
+    def make(user: User, purpose: str = "realtime", **kwargs) -> str:  # type: ignore[no-untyped-def]
+        return create_api_key(user, purpose=purpose, **kwargs)[1]
+
+    return make
+
+
+def balance_of(user: User) -> Decimal:
+    return Balance.objects.get(user=user).amount
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+    """Poll until `condition()` is truthy; fail the test if it never is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")

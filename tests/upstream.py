@@ -1,0 +1,178 @@
+"""A real local HTTP server standing in for an OpenAI-compatible upstream.
+
+It behaves by the upstream model name it is asked for:
+- anything else: a normal answer (usage: 12 prompt + 30 completion tokens; responses 12 in + 30 out)
+- `fail-500` / `fail-400`: that status with an OpenAI error body
+- `forbidden`: the upstream's own 403
+- `slow`: waits `slow_seconds` before answering
+- `flaky`: answers 503 to the first `flaky_failures` calls of each request, then normally
+It records every request it saw (path, headers, body) in `requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+PROMPT_TOKENS = 12
+COMPLETION_TOKENS = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[dict[str, Any]] = []
+        self.slow_seconds = 5.0
+        self.flaky_failures = 2
+        self.calls_by_content: dict[str, int] = {}
+        self.stream_closed = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
+        runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _common(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+        body = await request.json()
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        model = body.get("model", "")
+        if model in {"fail-500", "fail-400"}:
+            status = int(model[-3:])
+            error = {"error": {"message": f"upstream says {status}", "type": "upstream", "param": None, "code": None}}
+            return body, web.json_response(error, status=status)
+        if model == "forbidden":
+            return body, web.Response(text="Upstream Forbidden", status=403)
+        if model == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        if model == "flaky":
+            content = orjson.dumps(body.get("messages") or body.get("input")).decode()
+            seen = self.calls_by_content.get(content, 0)
+            self.calls_by_content[content] = seen + 1
+            if seen < self.flaky_failures:
+                return body, web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        return body, None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._common(request)
+        if early is not None:
+            return early
+        usage = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": COMPLETION_TOKENS,
+            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+        }
+        base = {"id": "chatcmpl-upstream", "created": 1700000000, "model": body["model"]}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Hello from upstream"}
+            return web.json_response(
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {**base, "object": "chat.completion.chunk"}
+        words = ["Hello", " from", " upstream"] * (20 if body["model"] == "long-stream" else 1)
+        try:
+            for word in words:
+                delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
+                await response.write(b"data: " + orjson.dumps({**chunk, "choices": [delta]}) + b"\n\n")
+                if body["model"] == "long-stream":
+                    await asyncio.sleep(0.1)
+            final = {"index": 0, "delta": {}, "finish_reason": "stop"}
+            await response.write(b"data: " + orjson.dumps({**chunk, "choices": [final]}) + b"\n\n")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_closed.set()
+            raise
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body, early = await self._common(request)
+        if early is not None:
+            return early
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "model": body["model"],
+                "usage": {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS},
+            }
+        )
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body, early = await self._common(request)
+        if early is not None:
+            return early
+        completed = {
+            "id": "resp_upstream123",
+            "object": "response",
+            "created_at": 1700000000,
+            "status": "completed",
+            "model": body["model"],
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hello from upstream", "annotations": []}],
+                }
+            ],
+            "usage": {
+                "input_tokens": PROMPT_TOKENS,
+                "output_tokens": COMPLETION_TOKENS,
+                "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+            },
+        }
+        if not body.get("stream"):
+            return web.json_response(completed)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        created = {**completed, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            ("response.created", {"type": "response.created", "sequence_number": 0, "response": created}),
+            ("response.completed", {"type": "response.completed", "sequence_number": 1, "response": completed}),
+        ]
+        for name, data in events:
+            await response.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n")
+        return response
