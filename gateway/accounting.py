@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import ApiKey
@@ -50,7 +51,22 @@ def is_billable(record: CallRecord) -> bool:
 
 
 def write_records(records: list[CallRecord]) -> None:
-    """Charge and log a batch in one transaction."""
+    """Charge and log a batch in one transaction; if the batch is refused, write record by record.
+
+    A record refused on its own (its user or key was deleted meanwhile) is logged and dropped,
+    so one bad record never blocks the others.
+    """
+    try:
+        _write_batch(records)
+    except IntegrityError:
+        if len(records) == 1:
+            logger.exception("Dropped a call record the database refused: %s", records[0])
+            return
+        for record in records:
+            write_records([record])
+
+
+def _write_batch(records: list[CallRecord]) -> None:
     started = {id(r): datetime.fromtimestamp(r.started_at, tz=UTC) for r in records}
     tariffs: dict[int, list[Tariff]] = {}
     for tariff in Tariff.objects.filter(model_id__in={r.model_id for r in records if is_billable(r)}):
@@ -107,6 +123,8 @@ class _Accountant:
     def __init__(self) -> None:
         self.pending: list[CallRecord] = []
         self.flusher: asyncio.Task[None] | None = None
+        # Held while a batch is written, so flush() returns only when everything taken is written.
+        self.writing = threading.Lock()
 
     def add(self, record: CallRecord) -> None:
         self.pending.append(record)
@@ -120,9 +138,16 @@ class _Accountant:
 
     def flush(self) -> None:
         """Write everything pending now (sync: shutdown, tests)."""
-        batch = self._take()
-        if batch:
-            write_records(batch)
+        with self.writing:
+            batch = self._take()
+            if not batch:
+                return
+            try:
+                write_records(batch)
+            except Exception:
+                # Keep them for the next flush; request ids make writing them again harmless.
+                self.pending[:0] = batch
+                raise
 
     async def aflush(self) -> None:
         await in_thread(self.flush)
@@ -131,15 +156,12 @@ class _Accountant:
         interval = settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS
         while True:
             await asyncio.sleep(interval)
-            batch = self._take()
-            if not batch:
+            if not self.pending:
                 continue
             try:
-                await in_thread(write_records, batch)
+                await in_thread(self.flush)
             except Exception:
-                # Keep the records: the next flush tries again, and request ids make it idempotent.
-                logger.exception("Could not write %d call records; will retry", len(batch))
-                self.pending[:0] = batch
+                logger.exception("Could not write call records; will retry")
 
 
 accountant = _Accountant()

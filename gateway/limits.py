@@ -17,8 +17,8 @@ from django.conf import settings
 from django.http import HttpResponse
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
-from limits.storage import storage_from_string
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.storage import storage_from_string
 
 from gateway.errors import openai_error
 

@@ -163,29 +163,36 @@ def build_snapshot() -> Snapshot:
 def mark_changed() -> None:
     """Tell every gateway process (and this one, at once) that the snapshot is out of date."""
     SnapshotVersion.objects.update_or_create(pk=1, defaults={"token": uuid.uuid4().hex, "changed_at": timezone.now()})
-    _state.dirty = True
+    with _state.lock:
+        _state.changes += 1
 
 
 class _State:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
-        self.dirty = True
+        # Local changes counted so far, and how many of them the current snapshot includes: a
+        # snapshot is published only once built, so "stale" must not be cleared when a build starts.
+        self.changes = 0
+        self.included = -1
         self.watcher: asyncio.Task[None] | None = None
         self.lock = threading.Lock()
+        self.build_lock = threading.Lock()
+
+    @property
+    def stale(self) -> bool:
+        return self.snapshot is None or self.included < self.changes
 
 
 _state = _State()
 
 
-def _rebuild() -> Snapshot:
-    with _state.lock:
-        _state.dirty = False
-        try:
-            snapshot = build_snapshot()
-        except Exception:
-            _state.dirty = True
-            raise
-        _state.snapshot = snapshot
+def _rebuild(*, force: bool = False) -> Snapshot:
+    with _state.build_lock:
+        if not force and not _state.stale:
+            return _state.snapshot  # type: ignore[return-value]  (another thread just built it)
+        changes = _state.changes
+        snapshot = build_snapshot()
+        _state.snapshot, _state.included = snapshot, changes
         return snapshot
 
 
@@ -196,8 +203,8 @@ async def _watch() -> None:
         try:
             current = _state.snapshot
             version = await in_thread(read_version)
-            if _state.dirty or current is None or version != current.version:
-                await in_thread(_rebuild)
+            if _state.stale or current is None or version != current.version:
+                await in_thread(_rebuild, force=True)
         except Exception:
             logger.exception("Could not refresh the auth snapshot; keeping the previous one")
 
@@ -205,7 +212,7 @@ async def _watch() -> None:
 async def aget_snapshot() -> Snapshot:
     """Return the current snapshot; the first call in a process builds it and starts the watcher."""
     snapshot = _state.snapshot
-    if snapshot is None or _state.dirty:
+    if snapshot is None or _state.stale:
         snapshot = await in_thread(_rebuild)
     loop = asyncio.get_running_loop()
     if _state.watcher is None or _state.watcher.done() or _state.watcher.get_loop() is not loop:
@@ -215,7 +222,4 @@ async def aget_snapshot() -> Snapshot:
 
 def get_snapshot() -> Snapshot:
     """Sync twin of :func:`aget_snapshot` (workers, tests): always current."""
-    snapshot = _state.snapshot
-    if snapshot is None or _state.dirty:
-        snapshot = _rebuild()
-    return snapshot
+    return _rebuild()

@@ -222,8 +222,15 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse:
         if isinstance(final, dict):
             final["id"] = ours.decode()
         asyncio.get_running_loop().create_task(
-            in_thread(finish_job, job_id, status=status if final else 502, body=final, input_tokens=tokens[0],
-                      output_tokens=tokens[1], error="" if final else "The stream ended before the response completed.")
+            in_thread(
+                finish_job,
+                job_id,
+                status=status if final else 502,
+                body=final,
+                input_tokens=tokens[0],
+                output_tokens=tokens[1],
+                error="" if final else "The stream ended before the response completed.",
+            )
         )
 
     return await proxy_stream(call, transform=transform, on_end=ended)

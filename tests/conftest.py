@@ -78,8 +78,19 @@ class World:
         return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **kwargs)
 
 
+def settle() -> None:
+    """Let the gateway finish this test's background work and write its usage before the next test."""
+    from gateway import views
+    from gateway.accounting import accountant
+
+    wait_for(lambda: not views._background, timeout=15)
+    accountant.flush()
+
+
 @pytest.fixture
-def world(transactional_db, upstream, gateway_server, user_with_credits, user_without_credits, outsider) -> World:
+def world(
+    transactional_db, upstream, gateway_server, user_with_credits, user_without_credits, outsider
+) -> Iterator[World]:
     """Models on the fake upstream: a paid chat model and a paid embeddings model for the research
     group, a free public model, and failure models named after their upstream behaviour."""
     endpoint, _ = add_endpoint("fake", upstream.base_url, api_key="upstream-secret", timeout_seconds=3)
@@ -95,7 +106,8 @@ def world(transactional_db, upstream, gateway_server, user_with_credits, user_wi
     for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream"):
         add_model(behaviour, endpoint=endpoint, groups=["research"], **prices)
     upstream.requests.clear()
-    return World(upstream=upstream, url=gateway_server.url, paid=paid, free=free, embed=embed)
+    yield World(upstream=upstream, url=gateway_server.url, paid=paid, free=free, embed=embed)
+    settle()
 
 
 @pytest.fixture
