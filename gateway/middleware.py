@@ -12,7 +12,7 @@ import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
 
-from gateway import limits
+from gateway import flex, limits
 from gateway.errors import Denial, denied, openai_error, render_denial
 from gateway.routing import (
     INFERENCE_ENDPOINTS,
@@ -127,7 +127,12 @@ class TierRoutingMiddleware(AsyncMiddleware):
         assert isinstance(decision, Authorized)
         call.model = decision.model
         call.requested_alias = decision.requested_alias
+        if call.route == Route.FLEX:
+            return await flex.submit(call, lambda: self.serve(request, call))
+        return await self.serve(request, call)
 
+    async def serve(self, request: HttpRequest, call: GatewayCall) -> HttpResponse:
+        """Serve in real time, within the key's and the model's limits."""
         refusal = await limits.acquire(call)
         if refusal is not None:
             return refusal
