@@ -73,7 +73,9 @@ elif _database["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    _database["TEST"] = {"NAME": str(BASE_DIR / "test.sqlite3")}
+    # A file, not :memory:, so live-server threads and subprocesses of the tests share it; one per
+    # test process, so two runs on one checkout never share it.
+    _database["TEST"] = {"NAME": str(BASE_DIR / f"test-{os.getpid()}.sqlite3")}
 else:
     ENV_ERRORS.append(
         f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://."
