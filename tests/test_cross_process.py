@@ -1,0 +1,65 @@
+"""Changes reach every gateway process: a key revoked here is refused by a second server process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.db import connection
+
+from accounts.models import ApiKey
+from accounts.services import revoke_api_key
+from tests.conftest import wait_for
+from tests.upstream import free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def live_database_url() -> str:
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    host, port = settings.get("HOST") or "127.0.0.1", settings.get("PORT") or 5432
+    return f"postgres://{settings['USER']}@{host}:{port}/{settings['NAME']}"
+
+
+@pytest.fixture
+def second_gateway(world):  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=30, interval=0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ai/v1/models", timeout=1).status_code == 401
+    except httpx.TransportError:
+        return False
+
+
+def test_revoked_key_is_refused_by_another_process_within_a_second(second_gateway, user_with_credits, make_key):
+    secret = make_key(user_with_credits)
+    headers = {"Authorization": f"Bearer {secret}"}
+    wait_for(lambda: httpx.get(f"{second_gateway}/ai/v1/models", headers=headers).status_code == 200)
+
+    revoke_api_key(ApiKey.objects.get(owner=user_with_credits))
+    time.sleep(1.0)
+
+    assert httpx.get(f"{second_gateway}/ai/v1/models", headers=headers).status_code == 401
