@@ -38,6 +38,7 @@ def all_queries(monkeypatch) -> list[str]:
 @override_settings(GATEWAY_SNAPSHOT_POLL_SECONDS=600, GATEWAY_ACCOUNTING_FLUSH_SECONDS=600)
 def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, all_queries, django_assert_num_queries):
     from dwctl_site.asgi import application
+    from gateway import clients
     from gateway.accounting import accountant
 
     headers = {"Authorization": f"Bearer {make_key(user_with_credits)}"}
@@ -48,7 +49,8 @@ def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, al
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             reply = await client.post("/ai/v1/chat/completions", json=request, headers=headers)
-            return reply.status_code
+        await clients.aclose()  # this loop's upstream client
+        return reply.status_code
 
     assert asyncio.run(one_request()) == 200  # builds the snapshot
     all_queries.clear()
