@@ -1,7 +1,23 @@
 from django.contrib import admin
 from django.urls import include, path
+from django.views import defaults
+
+from gateway.errors import openai_error
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
     path("admin/", admin.site.urls),
 ]
+
+
+# The API answers even its own failures in OpenAI's envelope; the admin keeps Django's pages.
+def handler404(request, exception):  # type: ignore[no-untyped-def]
+    if request.path.startswith("/ai/"):
+        return openai_error(404, f"Unknown API path '{request.path}'.", code="unknown_url")
+    return defaults.page_not_found(request, exception)
+
+
+def handler500(request):  # type: ignore[no-untyped-def]
+    if request.path.startswith("/ai/"):
+        return openai_error(500, "The gateway failed to handle this request.", code="internal_error")
+    return defaults.server_error(request)

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from accounts.models import Purpose
+from accounts.services import hash_secret
 from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial
 from gateway.snapshot import KeyEntry, ModelEntry, Snapshot
 from routing_rules.models import RuleAction
@@ -80,8 +81,6 @@ def authenticate(snapshot: Snapshot, authorization: str | None, now: float | Non
     scheme, _, secret = authorization.partition(" ")
     if scheme.lower() != "bearer" or not secret:
         return None
-    from accounts.services import hash_secret
-
     key = snapshot.keys.get(hash_secret(secret.strip()))
     if key is None:
         return None
