@@ -59,13 +59,20 @@ except (ValueError, KeyError) as exc:
     ENV_ERRORS.append(f"DATABASE_URL is not a valid database URL ({exc}).")
     _database = dj_database_url.parse(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 
+SUPPORTED_ENGINES = {"django.db.backends.postgresql", "django.db.backends.sqlite3"}
+if _database["ENGINE"] not in SUPPORTED_ENGINES:
+    ENV_ERRORS.append(
+        f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://."
+    )
+    _database = dj_database_url.parse(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+
 if _database["ENGINE"] == "django.db.backends.postgresql":
     # Under ASGI every request may run on another thread: no persistent connections, a pool.
     _database["CONN_MAX_AGE"] = 0
     _database["OPTIONS"] = {
         "pool": {"min_size": 2, "max_size": env_int("GATEWAY_DB_POOL_SIZE", 20), "timeout": 20},
     }
-elif _database["ENGINE"] == "django.db.backends.sqlite3":
+else:
     # The gateway, its workers and the admin share one file: WAL lets readers run beside the
     # writer, IMMEDIATE takes the write lock at BEGIN so read-then-write never deadlocks.
     _database["OPTIONS"] = {
@@ -76,10 +83,7 @@ elif _database["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so live-server threads and subprocesses of the tests share it; one per
     # test process, so two runs on one checkout never share it.
     _database["TEST"] = {"NAME": str(BASE_DIR / f"test-{os.getpid()}.sqlite3")}
-else:
-    ENV_ERRORS.append(
-        f"DATABASE_URL names an unsupported engine {_database['ENGINE']!r}: use postgres:// or sqlite://."
-    )
+
 DATABASES = {"default": _database}
 
 # --- secret key -----------------------------------------------------------------------------

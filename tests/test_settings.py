@@ -1,0 +1,48 @@
+"""Configuration comes from the environment, and a bad value stops the start naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL", "REDIS_", "GATEWAY_"))}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
+        ({"GATEWAY_MAX_BODY_BYTES": "lots"}, "GATEWAY_MAX_BODY_BYTES"),
+        ({"DATABASE_URL": "mysql2://nowhere/db", "DJANGO_SECRET_KEY": "x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres"}, "DJANGO_SECRET_KEY"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+    ],
+)
+def test_a_bad_variable_fails_the_checks_naming_it(env, named):
+    result = manage("check", **env)
+    assert result.returncode != 0
+    assert named in result.stderr
+
+
+def test_the_embedded_default_passes_the_checks():
+    result = manage("check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_asgi_application_refuses_to_start_with_a_bad_variable():
+    code = "import dwctl_site.asgi"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "dwctl_site.settings", "DJANGO_DEBUG": "maybe"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "DJANGO_DEBUG" in result.stderr
