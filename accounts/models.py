@@ -28,7 +28,9 @@ class AccessGroupQuerySet(models.QuerySet["AccessGroup"]):
 
     def delete(self) -> tuple[int, dict[str, int]]:
         if self.filter(is_builtin=True).exists():
-            raise ProtectedError(f"The built-in '{EVERYONE}' group cannot be deleted.", set(self.filter(is_builtin=True)))
+            raise ProtectedError(
+                f"The built-in '{EVERYONE}' group cannot be deleted.", set(self.filter(is_builtin=True))
+            )
         return super().delete()
 
 
@@ -77,7 +79,9 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=100, blank=True)
     purpose = models.CharField(max_length=20, choices=Purpose.choices, default=Purpose.REALTIME)
     secret_hash = models.CharField(max_length=64, unique=True, editable=False)
-    prefix = models.CharField(max_length=16, editable=False, help_text="The first characters of the secret, to recognise it.")
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="The first characters of the secret, to recognise it."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     requests_per_second = models.PositiveIntegerField(null=True, blank=True)

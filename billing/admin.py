@@ -30,7 +30,6 @@ class CreditTransactionAdmin(ReadOnlyAdmin):
     list_select_related = ("user", "created_by")
     list_filter = ("kind", "tier")
     search_fields = ("user__username", "source_id", "description")
-    date_hierarchy = "created_at"
 
     @admin.display(description="amount", ordering="amount")
     def signed(self, entry: CreditTransaction) -> str:

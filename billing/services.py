@@ -150,6 +150,14 @@ def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
     wanted = {usage.source_id: usage for usage in usages if usage.cost > 0}
     if not wanted:
         return []
+    user_ids = sorted({usage.user_id for usage in wanted.values()})
+    # Lock balances in a fixed order so concurrent batches cannot deadlock.
+    for user_id in user_ids:
+        Balance.objects.get_or_create(user_id=user_id)
+    balances = {
+        b.user_id: b for b in Balance.objects.select_for_update().filter(user_id__in=user_ids).order_by("user_id")
+    }
+    # Only under the locks: a concurrent batch with the same sources has committed by now, and is seen.
     seen = set(CreditTransaction.objects.filter(source_id__in=list(wanted)).values_list("source_id", flat=True))
     fresh = [usage for source, usage in wanted.items() if source not in seen]
     if not fresh:
@@ -157,13 +165,6 @@ def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
     by_user: dict[int, Decimal] = {}
     for usage in fresh:
         by_user[usage.user_id] = by_user.get(usage.user_id, Decimal(0)) + usage.cost
-    # Lock balances in a fixed order so concurrent batches cannot deadlock.
-    for user_id in sorted(by_user):
-        Balance.objects.get_or_create(user_id=user_id)
-    balances = {
-        b.user_id: b
-        for b in Balance.objects.select_for_update().filter(user_id__in=sorted(by_user)).order_by("user_id")
-    }
     entries = CreditTransaction.objects.bulk_create(
         [
             CreditTransaction(

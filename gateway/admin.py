@@ -1,0 +1,359 @@
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.widgets import FilteredSelectMultiple
+from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+
+from accounts.models import EVERYONE, AccessGroup
+from billing.admin import ReadOnlyAdmin
+from billing.models import PRICE, Tariff, Tier
+from billing.services import set_tariff
+from gateway.models import DeployedModel, Endpoint, InferenceRequest, JobState, RequestLog
+from gateway.services import cancel_job
+from routing_rules.models import TrafficRule
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+class EndpointForm(forms.ModelForm):
+    """The upstream credential is write-only: never rendered, kept when left blank."""
+
+    base_url = forms.URLField(
+        max_length=500,
+        assume_scheme="https",
+        help_text="Up to and including /v1, e.g. https://api.openai.com/v1",
+    )
+    api_key = forms.CharField(
+        label="Upstream credential",
+        required=False,
+        max_length=500,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave blank to keep the stored credential.",
+    )
+    clear_api_key = forms.BooleanField(label="Remove the stored credential", required=False)
+
+    class Meta:
+        model = Endpoint
+        fields = (
+            "name",
+            "base_url",
+            "api_key",
+            "clear_api_key",
+            "auth_header",
+            "auth_prefix",
+            "timeout_seconds",
+            "connect_timeout_seconds",
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Never let the stored value reach the page, not even as an initial value.
+        self.initial["api_key"] = ""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if cleaned.get("clear_api_key"):
+            cleaned["api_key"] = ""
+        elif not cleaned.get("api_key") and self.instance.pk:
+            cleaned["api_key"] = self.instance.api_key
+        return cleaned
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):
+    form = EndpointForm
+    list_display = ("name", "base_url", "has_credential", "auth_header", "timeout_seconds", "model_count", "updated_at")
+    search_fields = ("name", "base_url")
+    readonly_fields = ("created_at", "updated_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Endpoint]:
+        return super().get_queryset(request).annotate(model_total=Count("models"))
+
+    @admin.display(description="credential", boolean=True)
+    def has_credential(self, endpoint: Endpoint) -> bool:
+        return bool(endpoint.api_key)
+
+    @admin.display(description="models", ordering="model_total")
+    def model_count(self, endpoint: Endpoint) -> int:
+        return endpoint.model_total  # type: ignore[attr-defined]
+
+
+# --- models ---------------------------------------------------------------------------------
+
+PRICE_FIELDS = {
+    Tier.REALTIME: ("realtime_input_price", "realtime_output_price"),
+    Tier.FLEX: ("flex_input_price", "flex_output_price"),
+}
+
+
+def _price_field(label: str) -> forms.DecimalField:
+    return forms.DecimalField(
+        label=label,
+        required=False,
+        min_value=Decimal(0),
+        max_digits=PRICE["max_digits"],
+        decimal_places=PRICE["decimal_places"],
+        help_text="Credits per 1M tokens.",
+    )
+
+
+class DeployedModelForm(forms.ModelForm):
+    """Prices are not model fields: a changed price opens a new tariff version (past requests keep theirs)."""
+
+    realtime_input_price = _price_field("Real-time input price")
+    realtime_output_price = _price_field("Real-time output price")
+    flex_input_price = _price_field("Flex input price")
+    flex_output_price = _price_field("Flex output price")
+    access_groups = forms.ModelMultipleChoiceField(
+        queryset=AccessGroup.objects.all(),
+        required=False,
+        widget=FilteredSelectMultiple("access groups", is_stacked=False),
+        help_text=f"Members of these groups may call the model. '{EVERYONE}' makes it public.",
+    )
+
+    class Meta:
+        model = DeployedModel
+        fields = (
+            "alias",
+            "upstream_model",
+            "endpoint",
+            "kind",
+            "requests_per_second",
+            "burst_size",
+            "capacity",
+            "flex_concurrency",
+            "deleted_at",
+        )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields[
+            "flex_input_price"
+        ].help_text = "Credits per 1M tokens. With no flex price, flex uses the real-time one."
+        if self.instance.pk:
+            self.initial["access_groups"] = list(self.instance.access_groups.all())
+            for tariff in Tariff.objects.current().filter(model=self.instance):
+                if tariff.tier in PRICE_FIELDS:
+                    input_name, output_name = PRICE_FIELDS[tariff.tier]  # type: ignore[index]
+                    self.initial[input_name] = tariff.input_price
+                    self.initial[output_name] = tariff.output_price
+
+    def price_changes(self) -> dict[str, tuple[Decimal, Decimal]]:
+        """The tiers whose price was set or changed, with the new (input, output) price."""
+        changes = {}
+        for tier, (input_name, output_name) in PRICE_FIELDS.items():
+            new_input, new_output = self.cleaned_data.get(input_name), self.cleaned_data.get(output_name)
+            if new_input is None and new_output is None:
+                continue  # blank keeps whatever is in force
+            old_input, old_output = self.initial.get(input_name), self.initial.get(output_name)
+            new = (
+                new_input if new_input is not None else (old_input or Decimal(0)),
+                new_output if new_output is not None else (old_output or Decimal(0)),
+            )
+            if new != (old_input, old_output):
+                changes[tier] = new
+        return changes
+
+
+class TariffInline(admin.TabularInline):
+    """Price history, read-only: prices change through the fields above, which version them."""
+
+    model = Tariff
+    fields = ("tier", "input_price", "output_price", "valid_from", "valid_until")
+    readonly_fields = fields
+    ordering = ("tier", "-valid_from")
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "price history"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class TrafficRuleInline(admin.TabularInline):
+    model = TrafficRule
+    fk_name = "model"
+    fields = ("purpose", "action", "target")
+    autocomplete_fields = ("target",)
+    extra = 0
+
+
+class DeletedFilter(admin.SimpleListFilter):
+    title = "retired"
+    parameter_name = "retired"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("no", "Live"), ("yes", "Retired")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> QuerySet[DeployedModel]:
+        if self.value() == "yes":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(deleted_at__isnull=True)
+        return queryset
+
+
+@admin.register(DeployedModel)
+class DeployedModelAdmin(admin.ModelAdmin):
+    form = DeployedModelForm
+    list_display = ("alias", "upstream_model", "endpoint", "kind", "is_public", "prices", "is_retired")
+    list_select_related = ("endpoint",)
+    list_filter = ("kind", DeletedFilter, "endpoint")
+    search_fields = ("alias", "upstream_model")
+    autocomplete_fields = ("endpoint",)
+    readonly_fields = ("created_at",)
+    fieldsets = (
+        (None, {"fields": ("alias", "upstream_model", "endpoint", "kind", "created_at", "deleted_at")}),
+        (
+            "Prices (credits per 1M tokens)",
+            {
+                "fields": (
+                    ("realtime_input_price", "realtime_output_price"),
+                    ("flex_input_price", "flex_output_price"),
+                ),
+                "description": "Changing a price opens a new tariff version; past requests keep the price they had. "
+                "A model with no positive price is free.",
+            },
+        ),
+        ("Access", {"fields": ("access_groups",)}),
+        ("Limits", {"fields": ("requests_per_second", "burst_size", "capacity", "flex_concurrency")}),
+    )
+    inlines = (TariffInline, TrafficRuleInline)
+    actions = ("retire", "restore")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeployedModel]:
+        everyone = AccessGroup.models.through.objects.filter(
+            deployedmodel_id=OuterRef("pk"), accessgroup__is_builtin=True
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(public=Exists(everyone))
+            .prefetch_related(Prefetch("tariffs", queryset=Tariff.objects.current(), to_attr="current_tariffs"))
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: DeployedModel | None = None) -> bool:
+        return False  # retiring is the delete: the price history and past requests keep their model
+
+    @admin.display(description="public", boolean=True, ordering="public")
+    def is_public(self, model: DeployedModel) -> bool:
+        return model.public  # type: ignore[attr-defined]
+
+    @admin.display(description="retired", boolean=True, ordering="deleted_at")
+    def is_retired(self, model: DeployedModel) -> bool:
+        return model.deleted_at is not None
+
+    @admin.display(description="price in / out")
+    def prices(self, model: DeployedModel) -> str:
+        tariffs = sorted(model.current_tariffs, key=lambda t: t.tier != Tier.REALTIME)  # type: ignore[attr-defined]
+        shown = [
+            f"{t.tier} {t.input_price.normalize():f} / {t.output_price.normalize():f}" for t in tariffs if t.is_paid
+        ]
+        return "; ".join(shown) or "free"
+
+    def save_model(self, request: HttpRequest, obj: DeployedModel, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        for tier, (input_price, output_price) in form.price_changes().items():
+            try:
+                set_tariff(obj, tier=tier, input_price=input_price, output_price=output_price)
+            except ValueError as exc:
+                self.message_user(request, f"The {tier} price was not changed: {exc}", messages.ERROR)
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        # .set() sends m2m_changed, which the auth snapshot listens to.
+        form.instance.access_groups.set(form.cleaned_data["access_groups"])
+
+    @admin.action(description="Retire the selected models", permissions=["change"])
+    def retire(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
+        now = timezone.now()
+        retired = 0
+        for model in queryset.filter(deleted_at__isnull=True):
+            model.deleted_at = now
+            model.save(update_fields=["deleted_at"])  # a save, not update(): the snapshot listens to post_save
+            retired += 1
+        self.message_user(request, f"Retired {retired} model{'s' if retired != 1 else ''}.", messages.SUCCESS)
+
+    @admin.action(description="Bring the selected models back", permissions=["change"])
+    def restore(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
+        restored = 0
+        for model in queryset.filter(deleted_at__isnull=False):
+            model.deleted_at = None
+            model.save(update_fields=["deleted_at"])
+            restored += 1
+        self.message_user(request, f"Restored {restored} model{'s' if restored != 1 else ''}.", messages.SUCCESS)
+
+
+# --- history --------------------------------------------------------------------------------
+
+
+@admin.register(InferenceRequest)
+class InferenceRequestAdmin(ReadOnlyAdmin):
+    list_display = (
+        "public_id",
+        "owner",
+        "model_alias",
+        "path",
+        "service_tier",
+        "background",
+        "state",
+        "attempts",
+        "response_status",
+        "cost",
+        "created_at",
+        "completed_at",
+    )
+    list_select_related = ("owner",)
+    list_filter = ("service_tier", "state", "background")
+    search_fields = ("owner__username", "model_alias")
+    readonly_fields = ("public_id",)
+    actions = ("cancel",)
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        # Jobs are history, not editable, but an operator who may change them may stop them.
+        return request.user.has_perm("gateway.change_inferencerequest")
+
+    @admin.action(description="Cancel the selected unfinished jobs", permissions=["cancel"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[InferenceRequest]) -> None:
+        canceled = sum(cancel_job(job).state == JobState.CANCELED for job in queryset.unfinished())
+        self.message_user(request, f"Canceled {canceled} job{'s' if canceled != 1 else ''}.", messages.SUCCESS)
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[InferenceRequest], search_term: str) -> Any:
+        # Operators paste the id clients see: `resp_<hex>` (or the bare uuid).
+        try:
+            job_id = uuid.UUID(search_term.strip().removeprefix("resp_"))
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)
+        return queryset.filter(id=job_id), False
+
+
+@admin.register(RequestLog)
+class RequestLogAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "request_id",
+        "user",
+        "model_alias",
+        "path",
+        "service_tier",
+        "status_code",
+        "latency_ms",
+        "ttfb_ms",
+        "input_tokens",
+        "output_tokens",
+        "cost",
+    )
+    list_select_related = ("user",)
+    list_filter = ("service_tier", "status_code")
+    search_fields = ("=request_id", "user__username", "model_alias")
