@@ -13,6 +13,7 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+
 from gateway.handler import GatewayHandler, lifespan  # noqa: E402
 
 if settings.ENV_ERRORS:
