@@ -224,5 +224,7 @@ LOGGING = {
     "loggers": {
         "gateway": {"level": os.environ.get("GATEWAY_LOG_LEVEL", "INFO")},
         "django_q": {"level": "WARNING"},
+        # 4xx answers are the API working as intended; log server errors only.
+        "django.request": {"level": "ERROR"},
     },
 }
