@@ -76,7 +76,7 @@ class UserAdmin(DjangoUserAdmin):
     list_filter = ("is_active", "is_staff", "is_superuser", "access_groups")
     readonly_fields = ("balance_link", "last_login", "date_joined")
     fieldsets = (
-        *DjangoUserAdmin.fieldsets,
+        *(DjangoUserAdmin.fieldsets or ()),
         ("Credits and access", {"fields": ("balance_link", "access_groups")}),
     )
     inlines = (ApiKeyInline,)
@@ -152,7 +152,9 @@ class UserAdmin(DjangoUserAdmin):
             + ("" if grant else " Balances may go negative."),
             "submit_label": title,
             "form": form,
-            "selected": [(user, plain_decimal(user.balance_amount or Decimal(0))) for user in queryset],
+            "selected": [
+                (user, plain_decimal(getattr(user, "balance_amount", None) or Decimal(0))) for user in queryset
+            ],
             "action": request.POST.get("action", ""),
             "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
             "opts": self.model._meta,

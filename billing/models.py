@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -8,8 +9,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 # Credits are kept to the nano-credit: exact for any per-1M-token price with up to 3 decimals.
-AMOUNT = {"max_digits": 24, "decimal_places": 9}
-PRICE = {"max_digits": 18, "decimal_places": 6}
+AMOUNT: dict[str, Any] = {"max_digits": 24, "decimal_places": 9}
+PRICE: dict[str, Any] = {"max_digits": 18, "decimal_places": 6}
 NANO = Decimal("0.000000001")
 ONE_MILLION = Decimal(1_000_000)
 

@@ -72,13 +72,19 @@ def _post(
         if CreditTransaction.objects.filter(source_id=source_id).exists():
             return None
         raise
+    _move(balance, amount if kind in CREDITING_KINDS else -amount)
+    return entry
+
+
+def _move(balance: Balance, delta: Decimal) -> None:
+    """Apply a ledger change to a locked balance; announce on commit when it crosses zero."""
     before = balance.amount
-    balance.amount = before + (amount if kind in CREDITING_KINDS else -amount)
+    balance.amount = before + delta
     balance.updated_at = timezone.now()
     balance.save(update_fields=["amount", "updated_at"])
     if (before > 0) != (balance.amount > 0):
-        transaction.on_commit(lambda: balance_sign_changed.send(sender=Balance, user_id=user.pk))
-    return entry
+        user_id = balance.user_id
+        transaction.on_commit(lambda: balance_sign_changed.send(sender=Balance, user_id=user_id))
 
 
 @transaction.atomic
@@ -178,15 +184,8 @@ def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
             for usage in fresh
         ]
     )
-    now = timezone.now()
     for user_id, total in by_user.items():
-        balance = balances[user_id]
-        before = balance.amount
-        balance.amount = before - total
-        balance.updated_at = now
-        balance.save(update_fields=["amount", "updated_at"])
-        if (before > 0) != (balance.amount > 0):
-            transaction.on_commit(lambda user_id=user_id: balance_sign_changed.send(sender=Balance, user_id=user_id))
+        _move(balances[user_id], -total)
     return entries
 
 

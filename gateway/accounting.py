@@ -69,12 +69,12 @@ def write_records(records: list[CallRecord]) -> None:
 def _write_batch(records: list[CallRecord]) -> None:
     started = {id(r): datetime.fromtimestamp(r.started_at, tz=UTC) for r in records}
     tariffs: dict[int, list[Tariff]] = {}
-    for tariff in Tariff.objects.filter(model_id__in={r.model_id for r in records if is_billable(r)}):
-        tariffs.setdefault(tariff.model_id, []).append(tariff)
+    for version in Tariff.objects.filter(model_id__in={r.model_id for r in records if is_billable(r)}):
+        tariffs.setdefault(version.model_id, []).append(version)
     costs: dict[str, Decimal | None] = {}
     usages = []
     for record in records:
-        cost = None
+        cost: Decimal | None = None
         if is_billable(record):
             tariff = select_tariff(tariffs.get(record.model_id, ()), record.tier, started[id(record)])
             cost = cost_of(tariff, record.input_tokens or 0, record.output_tokens or 0)

@@ -15,7 +15,7 @@ from accounts.models import EVERYONE, AccessGroup
 from billing.admin import ReadOnlyAdmin
 from billing.models import PRICE, Tariff, Tier
 from billing.services import set_tariff
-from gateway.models import DeployedModel, Endpoint, InferenceRequest, JobState, RequestLog
+from gateway.models import DeployedModel, Endpoint, InferenceRequest, InferenceRequestQuerySet, JobState, RequestLog
 from gateway.services import cancel_job
 from routing_rules.models import TrafficRule
 
@@ -59,7 +59,8 @@ class EndpointForm(forms.ModelForm):
         self.initial["api_key"] = ""
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         if cleaned.get("clear_api_key"):
             cleaned["api_key"] = ""
         elif not cleaned.get("api_key") and self.instance.pk:
@@ -148,7 +149,7 @@ class DeployedModelForm(forms.ModelForm):
 
     def price_changes(self) -> dict[str, tuple[Decimal, Decimal]]:
         """The tiers whose price was set or changed, with the new (input, output) price."""
-        changes = {}
+        changes: dict[str, tuple[Decimal, Decimal]] = {}
         for tier, (input_name, output_name) in PRICE_FIELDS.items():
             new_input, new_output = self.cleaned_data.get(input_name), self.cleaned_data.get(output_name)
             if new_input is None and new_output is None:
@@ -325,7 +326,7 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
         return request.user.has_perm("gateway.change_inferencerequest")
 
     @admin.action(description="Cancel the selected unfinished jobs", permissions=["cancel"])
-    def cancel(self, request: HttpRequest, queryset: QuerySet[InferenceRequest]) -> None:
+    def cancel(self, request: HttpRequest, queryset: InferenceRequestQuerySet) -> None:
         canceled = sum(cancel_job(job).state == JobState.CANCELED for job in queryset.unfinished())
         self.message_user(request, f"Canceled {canceled} job{'s' if canceled != 1 else ''}.", messages.SUCCESS)
 

@@ -52,7 +52,7 @@ NO_ACCESS = "no_access"
 BLOCKED_BY_RULE = "blocked_by_rule"
 BALANCE_TOO_LOW = "balance_too_low"
 
-MODALITY_LABELS = {
+MODALITY_LABELS: dict[str, str] = {
     Purpose.BATCH: "Batch",
     Purpose.REALTIME: "Real-time",
     Purpose.PLAYGROUND: "Playground",

@@ -47,7 +47,7 @@ class GatewayHandler(ASGIHandler):
         self._view_middleware: list[Any] = []
         self._template_response_middleware: list[Any] = []
         self._exception_middleware: list[Any] = []
-        handler = convert_exception_to_response(self._get_response_async)
+        handler = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
         for path in reversed(GATEWAY_MIDDLEWARE):
             handler = convert_exception_to_response(import_string(path)(handler))
         self._middleware_chain = handler
@@ -82,6 +82,7 @@ class GatewayHandler(ASGIHandler):
         set_script_prefix(scope.get("root_path", "") or "/")
         request, error_response = self.create_request(scope, body_file)
         if request is None:
+            assert error_response is not None
             await self.send_response(error_response, send)
             return
 

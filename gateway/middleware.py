@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 
 from gateway import flex, limits
 from gateway.errors import Denial, denied, openai_error, render_denial
@@ -62,7 +63,7 @@ class AsyncMiddleware:
         if not iscoroutinefunction(get_response):
             raise TypeError(f"{type(self).__name__} needs an async get_response")
         self.get_response = get_response
-        markcoroutinefunction(self)
+        markcoroutinefunction(self)  # type: ignore[type-var]
 
 
 class ErrorEnrichmentMiddleware(AsyncMiddleware):
@@ -72,7 +73,7 @@ class ErrorEnrichmentMiddleware(AsyncMiddleware):
     non-/ai/ paths and every other status.
     """
 
-    async def __call__(self, request: HttpRequest) -> HttpResponse:
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
         if response.status_code != 403 or not request.path.startswith("/ai/"):
             return response
@@ -83,7 +84,7 @@ class ErrorEnrichmentMiddleware(AsyncMiddleware):
 class TierRoutingMiddleware(AsyncMiddleware):
     """Parse, authenticate, authorize, rate-limit and route each API request from the auth snapshot."""
 
-    async def __call__(self, request: HttpRequest) -> HttpResponse:
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         endpoint = request.path.removeprefix(API_PREFIX)
         snapshot = await aget_snapshot()
         key = authenticate(snapshot, request.headers.get("Authorization"))
@@ -131,7 +132,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
             return await flex.submit(call, lambda: self.serve(request, call))
         return await self.serve(request, call)
 
-    async def serve(self, request: HttpRequest, call: GatewayCall) -> HttpResponse:
+    async def serve(self, request: HttpRequest, call: GatewayCall) -> HttpResponseBase:
         """Serve in real time, within the key's and the model's limits."""
         refusal = await limits.acquire(call)
         if refusal is not None:

@@ -188,8 +188,8 @@ _state = _State()
 
 def _rebuild(*, force: bool = False) -> Snapshot:
     with _state.build_lock:
-        if not force and not _state.stale:
-            return _state.snapshot  # type: ignore[return-value]  (another thread just built it)
+        if not force and _state.snapshot is not None and not _state.stale:
+            return _state.snapshot  # another thread has just built it
         changes = _state.changes
         snapshot = build_snapshot()
         _state.snapshot, _state.included = snapshot, changes

@@ -53,5 +53,6 @@ class TrafficRule(models.Model):
                 raise ValidationError({"target": "A redirect rule needs a target model."})
             if self.target_id == self.model_id:
                 raise ValidationError({"target": "A model cannot redirect to itself."})
-            if self.target.deleted_at is not None:
-                raise ValidationError({"target": f"'{self.target.alias}' is deleted."})
+            target = self.target
+            if target is not None and target.deleted_at is not None:
+                raise ValidationError({"target": f"'{target.alias}' is deleted."})
