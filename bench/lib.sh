@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # bench/lib.sh: helpers for bench/run.sh (sourced, not run).
 #
 # Process rule: every server is started with setsid, so it leads its own process group,
@@ -9,10 +10,14 @@ STARTED_PIDS=()
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-# cpu_prefix CPUS -> prints "taskset -c CPUS" when CPUS is set and taskset exists.
-cpu_prefix() {
+# pin_to CPUS -> sets the array PIN to (taskset -c CPUS), or to () when CPUS is empty or
+# taskset is missing. Use it as: pin_to 1; "${PIN[@]}" command args...
+pin_to() {
+  # shellcheck disable=SC2034  # read by the caller
+  PIN=()
   if [[ -n "${1:-}" ]] && command -v taskset >/dev/null 2>&1; then
-    printf 'taskset -c %s' "$1"
+    # shellcheck disable=SC2034
+    PIN=(taskset -c "$1")
   fi
 }
 
@@ -113,6 +118,7 @@ start_rss_sampler() {
       sleep "${RSS_INTERVAL:-0.5}"
     done
   ) >>"$out" 2>/dev/null &
+  # shellcheck disable=SC2034  # read by run.sh
   SAMPLER_PID=$!
 }
 

@@ -119,7 +119,7 @@ def chat_completions(req):
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
     }
-    cid = "chatcmpl-mock%d" % next_id()
+    cid = f"chatcmpl-mock{next_id()}"
     created = int(time.time())
     if not req.get("stream"):
         body = {
@@ -173,7 +173,9 @@ def embeddings(req):
     for i, _ in enumerate(items):
         vec = [round(((i + 1) * (j + 3) % 97) / 97.0 - 0.5, 6) for j in range(dim)]
         data.append({"object": "embedding", "index": i, "embedding": vec})
-    tokens = count_tokens(items if not isinstance(inp, list) or not inp or not isinstance(inp[0], int) else "x" * 4 * len(inp))
+    tokens = count_tokens(
+        items if not isinstance(inp, list) or not inp or not isinstance(inp[0], int) else "x" * 4 * len(inp)
+    )
     body = {
         "object": "list",
         "data": data,
@@ -190,11 +192,11 @@ def responses(req):
     in_tokens = count_tokens(inp) if isinstance(inp, str) else prompt_tokens_of_messages(inp)
     in_tokens += count_tokens(req.get("instructions"))
     out_tokens = len(pieces)
-    rid = "resp_mock%d" % next_id()
+    rid = f"resp_mock{next_id()}"
     text = "".join(pieces)
     message = {
         "type": "message",
-        "id": "msg_mock%d" % Counter.n,
+        "id": f"msg_mock{Counter.n}",
         "status": "completed",
         "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": []}],
@@ -263,11 +265,11 @@ def dispatch(method, path, body):
             return 200, b"text/plain", b"ok"
         if path in POST_ROUTES:
             return error(405, "use POST")
-        return error(404, "no route for GET %s" % path.decode("latin-1"))
+        return error(404, "no route for GET {}".format(path.decode("latin-1")))
     if method == b"POST":
         handler = POST_ROUTES.get(path)
         if handler is None:
-            return error(404, "no route for POST %s" % path.decode("latin-1"))
+            return error(404, "no route for POST {}".format(path.decode("latin-1")))
         try:
             req = loads(body) if body else {}
         except ValueError:
@@ -282,7 +284,7 @@ def dispatch(method, path, body):
 
 
 class HTTPProtocol(asyncio.Protocol):
-    __slots__ = ("transport", "buf", "busy", "closed", "loop")
+    __slots__ = ("buf", "busy", "closed", "loop", "transport")
 
     def __init__(self):
         self.transport = None
@@ -360,10 +362,7 @@ class HTTPProtocol(asyncio.Protocol):
             body = bytes(buf[start : start + length])
             consumed = start + length
         del buf[:consumed]
-        if version == b"HTTP/1.0":
-            keep_alive = conn == b"keep-alive"
-        else:
-            keep_alive = conn != b"close"
+        keep_alive = conn == b"keep-alive" if version == b"HTTP/1.0" else conn != b"close"
         return method, path, body, keep_alive
 
     def parse_chunked(self, pos):
@@ -412,7 +411,11 @@ class HTTPProtocol(asyncio.Protocol):
     def write_result(self, result, keep_alive):
         t = self.transport
         if result[0] == "sse":
-            out = [self.head(200, b"text/event-stream", b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n", keep_alive)]
+            out = [
+                self.head(
+                    200, b"text/event-stream", b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n", keep_alive
+                )
+            ]
             for event in result[1]:
                 out.append(b"%x\r\n%s\r\n" % (len(event), event))
             out.append(b"0\r\n\r\n")
@@ -432,7 +435,14 @@ class HTTPProtocol(asyncio.Protocol):
                 return
             if result[0] == "sse" and Config.chunk_delay > 0:
                 t = self.transport
-                t.write(self.head(200, b"text/event-stream", b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n", keep_alive))
+                t.write(
+                    self.head(
+                        200,
+                        b"text/event-stream",
+                        b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+                        keep_alive,
+                    )
+                )
                 for i, event in enumerate(result[1]):
                     if i:
                         await asyncio.sleep(Config.chunk_delay)
@@ -481,8 +491,8 @@ def main(argv=None):
         loop.create_server(HTTPProtocol, args.host, args.port, reuse_address=True, backlog=4096)
     )
     print(
-        "mock upstream on http://%s:%d (delay %.1f ms, loop=%s, json=%s)"
-        % (args.host, args.port, args.delay_ms, "uvloop" if uvloop else "asyncio", "orjson" if orjson else "json"),
+        f"mock upstream on http://{args.host}:{args.port} (delay {args.delay_ms:.1f} ms, "
+        f"loop={'uvloop' if uvloop else 'asyncio'}, json={'orjson' if orjson else 'json'})",
         file=sys.stderr,
         flush=True,
     )

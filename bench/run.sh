@@ -10,16 +10,19 @@
 # (latency) and TPUT_CONNS connections (throughput), then SLOW_CONNS connections against an
 # upstream that waits SLOW_DELAY_MS, and the process RSS sampled under load.
 set -euo pipefail
+# The whole script is one { ... } block, so bash reads all of it before running: editing this file
+# while a run is going on cannot change what that run does.
+{
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 cd "$ROOT"
-# shellcheck source=bench/lib.sh
+# shellcheck source=lib.sh
 source "$BENCH_DIR/lib.sh"
 
 # ------------------------------------------------------------------ knobs
 DURATION=${DURATION:-10s}          # each measured wrk run
-WARMUP=${WARMUP:-2s}               # warm-up before each mode (not recorded)
+WARMUP=${WARMUP:-2s}               # warm-up before each mode (kept in results.jsonl, not in the tables)
 ROUNDS=${ROUNDS:-2}                # every target is measured (and restarted) once per round
 TARGETS=${TARGETS:-"direct gateway gateway-scale litellm"}
 MODES=${MODES:-"json stream"}      # json = non-stream chat completion, stream = SSE
@@ -36,6 +39,9 @@ GATEWAY_CPUS=${GATEWAY_CPUS-1}     # empty = not pinned
 LOAD_CPUS=${LOAD_CPUS-0}           # mock upstreams and wrk
 WRK_TIMEOUT=${WRK_TIMEOUT:-10s}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
+GATEWAY_LIFESPAN=${GATEWAY_LIFESPAN:-off}  # uvicorn --lifespan for the gateway
+INPUT_PRICE=${INPUT_PRICE:-0.50}   # tariff of the bench models, credits per 1M tokens
+OUTPUT_PRICE=${OUTPUT_PRICE:-1.50}
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 LITELLM_VENV=${LITELLM_VENV:-/tmp/dwctl-litellm-venv}
@@ -124,7 +130,6 @@ if has_target litellm || [[ "$BENCH_LITELLM" == 1 ]]; then
       python3 -m venv "$LITELLM_VENV"
       "$LITELLM_VENV/bin/pip" install -q 'litellm[proxy]' >"$LOG_DIR/litellm-install.log" 2>&1 \
         || die "litellm install failed, see $LOG_DIR/litellm-install.log"
-      has_target litellm || TARGETS+=" litellm"
     else
       log "LiteLLM not installed in $LITELLM_VENV: skipping it (BENCH_LITELLM=1 installs it)"
       drop_target litellm
@@ -135,12 +140,13 @@ fi
 
 # ------------------------------------------------------------------ mock upstreams
 MOCK_PORT=$(free_port "${MOCK_PORT:-18001}")
-start_bg "$LOG_DIR/mock.log" $(cpu_prefix "$LOAD_CPUS") "$MOCK_PY" "$BENCH_DIR/mock_upstream.py" --port "$MOCK_PORT"
+pin_to "$LOAD_CPUS"
+start_bg "$LOG_DIR/mock.log" "${PIN[@]}" "$MOCK_PY" "$BENCH_DIR/mock_upstream.py" --port "$MOCK_PORT"
 MOCK_PID=$BG_PID
 wait_http "http://127.0.0.1:$MOCK_PORT/health" 20 "$MOCK_PID" || die "mock upstream did not start"
 
 SLOW_PORT=$(free_port "$((MOCK_PORT + 1))")
-start_bg "$LOG_DIR/mock-slow.log" $(cpu_prefix "$LOAD_CPUS") "$MOCK_PY" "$BENCH_DIR/mock_upstream.py" \
+start_bg "$LOG_DIR/mock-slow.log" "${PIN[@]}" "$MOCK_PY" "$BENCH_DIR/mock_upstream.py" \
   --port "$SLOW_PORT" --delay-ms "$SLOW_DELAY_MS"
 SLOW_PID=$BG_PID
 wait_http "http://127.0.0.1:$SLOW_PORT/health" 20 "$SLOW_PID" || die "slow mock upstream did not start"
@@ -170,9 +176,9 @@ gateway_setup() {
       manage "$db" add_endpoint mock "$MOCK_BASE" &&
       manage "$db" add_endpoint mock-slow "$SLOW_BASE" &&
       manage "$db" add_model bench-model --endpoint mock --upstream-model bench-model \
-        --input-price 0.50 --output-price 1.50 --public &&
+        --input-price "$INPUT_PRICE" --output-price "$OUTPUT_PRICE" --public &&
       manage "$db" add_model bench-slow --endpoint mock-slow --upstream-model bench-model \
-        --input-price 0.50 --output-price 1.50 --public &&
+        --input-price "$INPUT_PRICE" --output-price "$OUTPUT_PRICE" --public &&
       manage "$db" create_user bench --credits 1000000
   } >>"$lf" 2>&1 || return 1
   out=$(manage "$db" create_api_key bench --purpose realtime --name bench 2>>"$lf") || return 1
@@ -221,6 +227,13 @@ if has_target gateway-scale; then
   fi
 fi
 
+# balance_of TARGET -> the bench user's credits in that target's database.
+balance_of() {
+  local db=$GW_DB
+  [[ $1 == gateway-scale ]] && db=$SCALE_DB
+  manage "$db" balance bench 2>>"$LOG_DIR/balance.log" | tail -n 1 | tr -d '[:space:]' || true
+}
+
 # ------------------------------------------------------------------ meta.json
 python3 - "$OUT_DIR/meta.json" <<EOF
 import json, os, platform, subprocess, sys
@@ -241,14 +254,15 @@ meta = {
     "django": out(["$PY", "-c", "import django; print(django.get_version())"]) if os.path.exists("$PY") else "",
     "uvicorn": out(["$PY", "-c", "import uvicorn; print(uvicorn.__version__)"]) if os.path.exists("$PY") else "",
     "litellm": out(["$LITELLM_VENV/bin/python", "-c", "import importlib.metadata as m; print(m.version('litellm'))"]) if os.path.exists("$LITELLM_VENV/bin/python") else "",
-    "wrk": (out(["wrk", "-v"]).splitlines() or [""])[0],
+    "wrk": (out(["wrk", "-v"]).splitlines() or [""])[0].split(" Copyright")[0],
     "git_rev": out(["git", "-C", "$ROOT", "rev-parse", "--short", "HEAD"]),
     "targets": "$TARGETS".split(), "modes": "$MODES".split(), "rounds": $ROUNDS,
     "duration": "$DURATION", "warmup": "$WARMUP", "lat_conns": $LAT_CONNS, "tput_conns": $TPUT_CONNS,
     "slow": $SLOW, "slow_delay_ms": $SLOW_DELAY_MS, "slow_conns": $SLOW_CONNS, "slow_duration": "$SLOW_DURATION",
+    "input_price": $INPUT_PRICE, "output_price": $OUTPUT_PRICE,
     "scale_keys": $SCALE_KEYS, "scale_models": $SCALE_MODELS, "scale_users": $SCALE_USERS,
     "scale_seed_seconds": "$SEED_SECONDS",
-    "gateway_cpus": "$GATEWAY_CPUS", "load_cpus": "$LOAD_CPUS",
+    "gateway_cpus": "$GATEWAY_CPUS", "load_cpus": "$LOAD_CPUS", "gateway_lifespan": "$GATEWAY_LIFESPAN",
     "gateway_db": "sqlite" if "$GW_DB".startswith("sqlite") else "external",
 }
 json.dump(meta, open(sys.argv[1], "w"), indent=2)
@@ -271,9 +285,10 @@ target_start() {
       local db=$GW_DB key=${GW_KEY:-}
       if [[ $name == gateway-scale ]]; then db=$SCALE_DB key=$SCALE_KEY; fi
       gw_env "$db"
-      start_bg "$LOG_DIR/$name-r$ROUND.log" env "${GW_ENV[@]}" $(cpu_prefix "$GATEWAY_CPUS") \
+      pin_to "$GATEWAY_CPUS"
+      start_bg "$LOG_DIR/$name-r$ROUND.log" env "${GW_ENV[@]}" "${PIN[@]}" \
         "$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
-        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan off
+        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN"
       T_PID=$BG_PID
       T_URL=http://127.0.0.1:$GATEWAY_PORT/ai/v1/chat/completions T_KEY=$key T_MODEL=bench-model
       if [[ $name == gateway ]]; then
@@ -282,9 +297,10 @@ target_start() {
       wait_http "http://127.0.0.1:$GATEWAY_PORT/ai/v1/models" "$READY_TIMEOUT" "$T_PID" "$key" || return 1
       ;;
     litellm)
+      pin_to "$GATEWAY_CPUS"
       start_bg "$LOG_DIR/litellm-r$ROUND.log" env BENCH_MOCK_BASE="$MOCK_BASE" BENCH_SLOW_MOCK_BASE="$SLOW_BASE" \
         BENCH_LITELLM_KEY="$LITELLM_KEY" LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR \
-        $(cpu_prefix "$GATEWAY_CPUS") "$LITELLM_VENV/bin/litellm" --config "$BENCH_DIR/litellm.yaml" \
+        "${PIN[@]}" "$LITELLM_VENV/bin/litellm" --config "$BENCH_DIR/litellm.yaml" \
         --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 1
       T_PID=$BG_PID
       T_URL=http://127.0.0.1:$LITELLM_PORT/v1/chat/completions T_KEY=$LITELLM_KEY T_MODEL=bench-model
@@ -339,7 +355,8 @@ smoke() {
 wrk_json() {
   local conns=$1 dur=$2 url=$3 key=$4 model=$5 stream=$6 name=$7 lf
   lf=$LOG_DIR/wrk-$name.txt
-  $(cpu_prefix "$LOAD_CPUS") wrk -t1 -c"$conns" -d"$dur" --timeout "$WRK_TIMEOUT" --latency \
+  pin_to "$LOAD_CPUS"
+  "${PIN[@]}" wrk -t1 -c"$conns" -d"$dur" --timeout "$WRK_TIMEOUT" --latency \
     -s "$BENCH_DIR/wrk/post.lua" "$url" -- "$key" "$model" "$stream" >"$lf" 2>&1 || true
   local line
   line=$(sed -n 's/^BENCHJSON //p' "$lf" | tail -n 1)
@@ -353,7 +370,7 @@ wrk_json() {
 jget() { python3 -c "import json,sys; print(json.loads(sys.argv[1]).get(sys.argv[2], ''))" "$1" "$2"; }
 
 measure_target() {
-  local name=$1 mode stream lat tput tag
+  local name=$1 mode stream lat tput tag warm
   for mode in $MODES; do
     stream=0
     [[ $mode == stream ]] && stream=1
@@ -362,7 +379,8 @@ measure_target() {
       record kind=error round="$ROUND" target="$name" mode="$mode" what=smoke log="logs/smoke-$tag.txt"
       continue
     fi
-    wrk_json "$TPUT_CONNS" "$WARMUP" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-warmup" >/dev/null
+    warm=$(wrk_json "$TPUT_CONNS" "$WARMUP" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-warmup")
+    record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=warmup conns="$TPUT_CONNS" "$warm"
     lat=$(wrk_json "$LAT_CONNS" "$DURATION" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-lat")
     record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=lat conns="$LAT_CONNS" "$lat"
     tput=$(wrk_json "$TPUT_CONNS" "$DURATION" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-tput")
@@ -373,7 +391,8 @@ measure_target() {
   if [[ $SLOW == 1 && -n "$T_SLOW_URL" ]]; then
     tag=r$ROUND-$name-slow
     if smoke "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag"; then
-      wrk_json "$SLOW_CONNS" 2s "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag-warmup" >/dev/null
+      warm=$(wrk_json "$SLOW_CONNS" 2s "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag-warmup")
+      record kind=wrk round="$ROUND" target="$name" mode=slow phase=warmup conns="$SLOW_CONNS" "$warm"
       tput=$(wrk_json "$SLOW_CONNS" "$SLOW_DURATION" "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag")
       record kind=wrk round="$ROUND" target="$name" mode=slow phase=tput conns="$SLOW_CONNS" \
         delay_ms="$SLOW_DELAY_MS" "$tput"
@@ -390,10 +409,13 @@ log "targets: $TARGETS | modes: $MODES | rounds: $ROUNDS | duration: $DURATION |
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
   order=$TARGETS
   if ((ROUND % 2 == 0)); then # even rounds go through the targets backwards
-    order=$(printf '%s\n' $TARGETS | tac | tr '\n' ' ')
+    read -ra names <<<"$TARGETS"
+    order=$(printf '%s\n' "${names[@]}" | tac | tr '\n' ' ')
   fi
   for name in $order; do
     log "round $ROUND: $name"
+    credits_before=""
+    if [[ $name == gateway* ]]; then credits_before=$(balance_of "$name"); fi
     if ! target_start "$name"; then
       log "WARNING: $name did not start, see $LOG_DIR/$name-r$ROUND.log"
       tail -n 20 "$LOG_DIR/$name-r$ROUND.log" >&2 2>/dev/null || true
@@ -417,6 +439,12 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         "peak under load $((peak_kb / 1024)) MiB"
     fi
     target_stop
+    if [[ -n "$credits_before" ]]; then
+      # Billing check: what the user was charged while this server ran (pending usage is
+      # written when the server stops). summarize.py compares it with the requests sent.
+      record kind=billing round="$ROUND" target="$name" credits_before="$credits_before" \
+        credits_after="$(balance_of "$name")"
+    fi
   done
 done
 
@@ -430,13 +458,15 @@ if [[ -f "$BENCH_DIR/flex.py" && "${FLEX:-1}" == 1 ]]; then
     BENCH_MOCK_BASE=$MOCK_BASE BENCH_SLOW_MOCK_BASE=$SLOW_BASE BENCH_DURATION=$DURATION \
     BENCH_GATEWAY_CPUS=$GATEWAY_CPUS BENCH_LOAD_CPUS=$LOAD_CPUS BENCH_PYTHON=$PY \
     BENCH_GATEWAY_PORT=$GATEWAY_PORT BENCH_DATABASE_URL=sqlite:///$WORK_DIR/flex.sqlite3 \
-    "$PY" "$BENCH_DIR/flex.py" 2>&1 | tee "$LOG_DIR/flex.log" ||
+    timeout "${FLEX_TIMEOUT:-1200}" "$PY" "$BENCH_DIR/flex.py" 2>&1 | tee "$LOG_DIR/flex.log" ||
     record kind=error target=flex what=run log=logs/flex.log
 else
-  log "flex queue benchmark: skipped (no bench/flex.py)"
+  log "flex queue benchmark: skipped (no bench/flex.py, or FLEX=0)"
 fi
 
 # ------------------------------------------------------------------ report
 stop_all
 python3 "$BENCH_DIR/summarize.py" "$OUT_DIR"
 log "results: $OUT_DIR/summary.md, $OUT_DIR/summary.jsonl, raw lines in $RESULTS"
+exit 0
+}

@@ -40,7 +40,7 @@ def run_batched(commands, label):
         sink.truncate()
         done = start + len(chunk)
         if done % 2000 < step or done == len(commands):
-            print("  %s: %d/%d (%.1fs)" % (label, done, len(commands), time.monotonic() - t0), file=sys.stderr, flush=True)
+            print(f"  {label}: {done}/{len(commands)} ({time.monotonic() - t0:.1f}s)", file=sys.stderr, flush=True)
     return time.monotonic() - t0
 
 
@@ -49,11 +49,15 @@ t_models = run_batched(
         (
             "add_model",
             [
-                "scale-model-%d" % i,
-                "--endpoint", ENDPOINT,
-                "--upstream-model", "bench-model",
-                "--input-price", "0.50",
-                "--output-price", "1.50",
+                f"scale-model-{i}",
+                "--endpoint",
+                ENDPOINT,
+                "--upstream-model",
+                "bench-model",
+                "--input-price",
+                "0.50",
+                "--output-price",
+                "1.50",
                 "--public",
             ],
         )
@@ -62,18 +66,17 @@ t_models = run_batched(
     "models",
 )
 t_users = run_batched(
-    [("create_user", ["scale-user-%d" % u, "--credits", "1000"]) for u in range(N_USERS)],
+    [("create_user", [f"scale-user-{u}", "--credits", "1000"]) for u in range(N_USERS)],
     "users",
 )
 t_keys = run_batched(
     [
-        ("create_api_key", ["scale-user-%d" % (k % N_USERS), "--purpose", "realtime", "--name", "scale-key-%d" % k])
+        ("create_api_key", [f"scale-user-{k % N_USERS}", "--purpose", "realtime", "--name", f"scale-key-{k}"])
         for k in range(N_KEYS)
     ],
     "keys",
 )
 print(
-    "seeded %d models (%.1fs), %d users (%.1fs), %d keys (%.1fs)"
-    % (N_MODELS, t_models, N_USERS, t_users, N_KEYS, t_keys),
+    f"seeded {N_MODELS} models ({t_models:.1f}s), {N_USERS} users ({t_users:.1f}s), {N_KEYS} keys ({t_keys:.1f}s)",
     flush=True,
 )
