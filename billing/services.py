@@ -22,6 +22,7 @@ from billing.models import (
     price_tokens,
 )
 from billing.signals import balance_sign_changed
+from dwctl_site.bulk import insert_rows
 
 
 def parse_amount(raw: object) -> Decimal:
@@ -143,15 +144,17 @@ class Usage:
 
 def charge_usage(usage: Usage) -> CreditTransaction | None:
     """Charge one request's cost. Idempotent: a second call with the same source changes nothing."""
-    charged = charge_usages([usage])
-    return charged[0] if charged else None
+    with transaction.atomic():
+        charged = charge_usages([usage])
+        return CreditTransaction.objects.get(source_id=charged[0]) if charged else None
 
 
 @transaction.atomic
-def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
+def charge_usages(usages: list[Usage]) -> list[str]:
     """Charge many requests in one transaction: one ledger row per new source, one balance write per user.
 
     Sources already in the ledger and zero costs are skipped, so replaying a batch charges nothing twice.
+    Returns the sources charged now.
     """
     wanted = {usage.source_id: usage for usage in usages if usage.cost > 0}
     if not wanted:
@@ -171,22 +174,26 @@ def charge_usages(usages: list[Usage]) -> list[CreditTransaction]:
     by_user: dict[int, Decimal] = {}
     for usage in fresh:
         by_user[usage.user_id] = by_user.get(usage.user_id, Decimal(0)) + usage.cost
-    entries = CreditTransaction.objects.bulk_create(
+    now = timezone.now()
+    insert_rows(
+        CreditTransaction,
+        ("user_id", "kind", "amount", "source_id", "description", "tier", "created_at"),
         [
-            CreditTransaction(
-                user_id=usage.user_id,
-                kind=TransactionKind.USAGE,
-                amount=usage.cost,
-                source_id=usage.source_id,
-                description=f"{usage.model_alias}: {usage.input_tokens} in / {usage.output_tokens} out"[:500],
-                tier=usage.tier,
+            (
+                usage.user_id,
+                TransactionKind.USAGE,
+                usage.cost,
+                usage.source_id,
+                f"{usage.model_alias}: {usage.input_tokens} in / {usage.output_tokens} out"[:500],
+                usage.tier,
+                now,
             )
             for usage in fresh
-        ]
+        ],
     )
     for user_id, total in by_user.items():
         _move(balances[user_id], -total)
-    return entries
+    return [usage.source_id for usage in fresh]
 
 
 acharge_usage = sync_to_async(charge_usage)

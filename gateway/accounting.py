@@ -23,6 +23,7 @@ from django.utils import timezone
 from accounts.models import ApiKey
 from billing.models import Tariff
 from billing.services import Usage, charge_usages, cost_of, select_tariff
+from dwctl_site.bulk import insert_rows
 from gateway.db import in_thread
 from gateway.models import RequestLog
 
@@ -92,26 +93,42 @@ def _write_batch(records: list[CallRecord]) -> None:
         costs[record.request_id] = cost
     with transaction.atomic():
         charge_usages(usages)
-        RequestLog.objects.bulk_create(
+        insert_rows(
+            RequestLog,
+            (
+                "request_id",
+                "user_id",
+                "api_key_id",
+                "model_alias",
+                "path",
+                "service_tier",
+                "status_code",
+                "latency_ms",
+                "ttfb_ms",
+                "input_tokens",
+                "output_tokens",
+                "cost",
+                "created_at",
+            ),
             [
-                RequestLog(
-                    request_id=r.request_id,
-                    user_id=r.user_id,
-                    api_key_id=r.api_key_id,
-                    model_alias=r.model_alias,
-                    path=r.path,
-                    service_tier=r.tier,
-                    status_code=r.status_code,
-                    latency_ms=r.latency_ms,
-                    ttfb_ms=r.ttfb_ms,
-                    input_tokens=r.input_tokens,
-                    output_tokens=r.output_tokens,
-                    cost=costs[r.request_id],
-                    created_at=started[id(r)],
+                (
+                    r.request_id,
+                    r.user_id,
+                    r.api_key_id,
+                    r.model_alias,
+                    r.path,
+                    r.tier,
+                    r.status_code,
+                    r.latency_ms,
+                    r.ttfb_ms,
+                    r.input_tokens,
+                    r.output_tokens,
+                    costs[r.request_id],
+                    started[id(r)],
                 )
                 for r in records
             ],
-            ignore_conflicts=True,
+            skip_conflicts=True,
         )
         key_ids = {r.api_key_id for r in records if r.api_key_id is not None}
         if key_ids:

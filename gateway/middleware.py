@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class GatewayCall:
         return "flex" if self.route == Route.FLEX else "realtime"
 
 
+def new_request_id() -> str:
+    # A random UUID without a syscall per request (uuid4 reads os.urandom): ids must be unique,
+    # not secret — a response id is only ever readable by its owner.
+    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+
+
 class AsyncMiddleware:
     async_capable = True
     sync_capable = False
@@ -100,7 +107,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
             return openai_error(
                 403, "Platform keys are for management only and cannot call the API.", code="wrong_key_purpose"
             )
-        call = GatewayCall(key=key, endpoint=endpoint, request_id=uuid.uuid4().hex, started_at=time.time())
+        call = GatewayCall(key=key, endpoint=endpoint, request_id=new_request_id(), started_at=time.time())
         request.gateway = call  # type: ignore[attr-defined]
         if request.method != "POST" or endpoint not in INFERENCE_ENDPOINTS:
             return await self.get_response(request)
