@@ -33,6 +33,6 @@ async def http_router(scope, receive, send):  # type: ignore[no-untyped-def]
 application = ProtocolTypeRouter({"http": http_router, "lifespan": lifespan})
 
 # Everything loaded so far lives as long as the process: move it out of the collector's way, so
-# a full collection scans only what requests allocate (it took 50–70 ms per pass, measured in
+# a full collection scans only what requests allocate (it took 50-70 ms per pass, measured in
 # bench/README.md, stalling every request in flight).
 gc.freeze()
