@@ -8,7 +8,7 @@ the same INSERT with one `executemany`, adapting only what the driver cannot tak
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from django.db import connection, models
 
@@ -31,12 +31,13 @@ def insert_rows(
     With `skip_conflicts`, a row that breaks a unique constraint is left out (ON CONFLICT DO NOTHING).
     """
     meta = model._meta
-    fields = [meta.get_field(name) for name in columns]  # get_field also knows attnames
+    # Concrete fields only; get_field also knows attnames such as `user_id`.
+    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in columns]
     adapters = [_adapter(field) for field in fields]
     quote = connection.ops.quote_name
     sql = "INSERT INTO {} ({}) VALUES ({}){}".format(  # noqa: S608  (names from model metadata, quoted)
         quote(meta.db_table),
-        ", ".join(quote(field.column) for field in fields),
+        ", ".join(quote(str(field.column)) for field in fields),
         ", ".join(["%s"] * len(fields)),
         " ON CONFLICT DO NOTHING" if skip_conflicts else "",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -67,11 +68,17 @@ if _database["ENGINE"] not in SUPPORTED_ENGINES:
     _database = dj_database_url.parse(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 
 if _database["ENGINE"] == "django.db.backends.postgresql":
-    # Under ASGI every request may run on another thread: no persistent connections, a pool.
-    _database["CONN_MAX_AGE"] = 0
-    _database["OPTIONS"] = {
-        "pool": {"min_size": 2, "max_size": env_int("GATEWAY_DB_POOL_SIZE", 20), "timeout": 20},
-    }
+    if "qcluster" in sys.argv:
+        # django-q2 forks its workers after the parent has connected: an inherited pool would be
+        # shared by parent and children, their queries interleaving on one socket. Plain
+        # connections are closed before each fork, so every process opens its own.
+        _database["CONN_MAX_AGE"] = 60
+    else:
+        # Under ASGI every request may run on another thread: no persistent connections, a pool.
+        _database["CONN_MAX_AGE"] = 0
+        _database["OPTIONS"] = {
+            "pool": {"min_size": 2, "max_size": env_int("GATEWAY_DB_POOL_SIZE", 20), "timeout": 20},
+        }
 else:
     # The gateway, its workers and the admin share one file: WAL lets readers run beside the
     # writer, IMMEDIATE takes the write lock at BEGIN so read-then-write never deadlocks.
@@ -139,9 +146,10 @@ Q_CLUSTER = {
     "orm": "default",
     "workers": env_int("GATEWAY_QCLUSTER_WORKERS", 2),
     # A flex task claims jobs and runs them for at most `timeout` seconds, well inside `retry`,
-    # so django-q2 never delivers the same task twice while it is still running.
-    "timeout": 120,
-    "retry": 180,
+    # so django-q2 never delivers the same task twice while it is still running. It claims a job
+    # only while the job's endpoint timeout (600 s by default) still fits before its own.
+    "timeout": 900,
+    "retry": 960,
     "max_attempts": 1,
     "catch_up": False,
     "ack_failures": True,

@@ -170,9 +170,8 @@ class _Accountant:
         await in_thread(self.flush)
 
     async def _run(self) -> None:
-        interval = settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS)
             if not self.pending:
                 continue
             try:

@@ -1,15 +1,327 @@
-"""Flex tier: queue the request, hold or release the client. (Being built: served in real time for now.)"""
+"""Flex tier, gateway side: queue the request, then hold the client (or release it with a 202).
+
+A held client costs a future on the event loop, not a thread. Each gateway process keeps one
+:class:`_Waiters` hub per event loop that wakes the futures of finished jobs two ways:
+
+- a push: workers send to a channel-layer group per job (``flex.job.<hex>``); the hub has one
+  channel of its own, added to the group of each job it waits for, and one task reading it.
+  Only with a layer that crosses processes (Redis): the in-memory layer does not.
+- a poll, the fallback: one query every ``POLL_SECONDS`` for all the jobs this process waits on,
+  however many clients wait.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
 
+import orjson
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 from django.http import HttpResponse
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from gateway.db import in_thread
+from gateway.errors import openai_error
+from gateway.models import InferenceRequest, JobState
+from gateway.services import cancel_abandoned_job, expire_job, finished_job_ids, submit_flex_job
 
 if TYPE_CHECKING:
     from gateway.middleware import GatewayCall
 
+logger = logging.getLogger(__name__)
+POLL_SECONDS = 0.5
+PUSHED_POLL_SECONDS = 1.0
+# Channel-layer calls in flight per event loop: a thousand clients arriving at once must not
+# ask the layer's connection pool for a thousand connections.
+LAYER_CONCURRENCY = 16
+
+
+def job_group(job_id: uuid.UUID) -> str:
+    return f"flex.job.{job_id.hex}"
+
+
+def push_layer() -> BaseChannelLayer | None:
+    """The channel layer, when it can carry a wake-up from a worker process to a gateway process."""
+    layer = get_channel_layer()
+    return None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
+
+
+_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+def layer_slots() -> asyncio.Semaphore:
+    """This event loop's share of the channel layer's connections."""
+    loop = asyncio.get_running_loop()
+    slots = _slots.get(loop)
+    if slots is None:
+        for old in [other for other in _slots if other.is_closed()]:
+            del _slots[old]
+        slots = _slots[loop] = asyncio.Semaphore(LAYER_CONCURRENCY)
+    return slots
+
+
+async def announce(job_ids: list[uuid.UUID]) -> None:
+    """Wake the clients waiting for these jobs, wherever they are held. Best effort: polling backs it up."""
+    layer = push_layer()
+    if layer is None:
+        return
+    for job_id in job_ids:
+        try:
+            async with layer_slots():
+                await layer.group_send(job_group(job_id), {"type": "flex.finished", "job": job_id.hex})
+        except Exception:
+            logger.warning("Could not announce the end of flex job %s", job_id, exc_info=True)
+
+
+class _Waiters:
+    """The futures of one event loop's held clients, by job id, and the tasks that resolve them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.futures: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+        self.poller: asyncio.Task[None] | None = None
+        self.listener: asyncio.Task[None] | None = None
+        self.channel: str | None = None
+        self.layer = push_layer()
+        self.opening = asyncio.Lock()
+
+    def resolve(self, job_id: uuid.UUID) -> None:
+        for future in self.futures.pop(job_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, job_id: uuid.UUID, timeout: float) -> bool:
+        """Wait until the job finishes (True) or the timeout passes (False)."""
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.futures.setdefault(job_id, set()).add(future)
+        if self.poller is None or self.poller.done():
+            self.poller = self.loop.create_task(self._poll())
+        subscribed = await self._subscribe(job_id)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self.futures.get(job_id)
+            if waiting is not None:
+                waiting.discard(future)
+                if not waiting:
+                    del self.futures[job_id]
+            if subscribed and self.layer is not None and self.channel is not None:
+                try:
+                    async with layer_slots():
+                        await self.layer.group_discard(job_group(job_id), self.channel)
+                except Exception:
+                    logger.debug("Could not leave the group of flex job %s", job_id, exc_info=True)
+
+    async def _subscribe(self, job_id: uuid.UUID) -> bool:
+        if self.layer is None:
+            return False
+        try:
+            async with self.opening:  # a thousand clients arriving together share one channel
+                if self.channel is None or self.listener is None or self.listener.done():
+                    self.channel = await self.layer.new_channel()
+                    self.listener = self.loop.create_task(self._listen(self.channel))
+            async with layer_slots():
+                await self.layer.group_add(job_group(job_id), self.channel)
+            return True
+        except Exception:
+            logger.warning("Channel layer unavailable; flex waiters fall back to polling", exc_info=True)
+            return False
+
+    async def _listen(self, channel: str) -> None:
+        assert self.layer is not None
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # With redis-py 8, an idle receive() raises a read timeout every few seconds; the
+                # channel and its groups are intact, so keep listening (the poll covers any gap).
+                if not isinstance(exc, TimeoutError | RedisTimeout):
+                    logger.warning("Flex wake-up channel error; listening again", exc_info=True)
+                    await asyncio.sleep(1)
+                continue
+            try:
+                self.resolve(uuid.UUID(message["job"]))
+            except (KeyError, ValueError):
+                continue
+
+    async def _poll(self) -> None:
+        interval = PUSHED_POLL_SECONDS if self.layer is not None else POLL_SECONDS
+        while self.futures:
+            await asyncio.sleep(interval)
+            if not self.futures:
+                break
+            try:
+                finished = await in_thread(finished_job_ids, list(self.futures))
+            except Exception:
+                logger.exception("Could not poll flex jobs; trying again")
+                continue
+            for job_id in finished:
+                self.resolve(job_id)
+
+
+_hubs: dict[asyncio.AbstractEventLoop, _Waiters] = {}
+
+
+def waiters() -> _Waiters:
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        for old in [other for other in _hubs if other.is_closed()]:
+            del _hubs[old]
+        hub = _hubs[loop] = _Waiters(loop)
+    return hub
+
+
+# --- the request side ----------------------------------------------------------------------------
+
+_abandoned: set[asyncio.Task[bool]] = set()
+
+
+def json_response(payload: Any, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
+
 
 async def submit(call: GatewayCall, serve_now) -> HttpResponse:  # type: ignore[no-untyped-def]
-    """Until the queue lands, a flex request is served in real time."""
-    return await serve_now()
+    """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
+    assert call.model is not None
+    job_id = uuid.UUID(call.request_id)
+    background = call.endpoint == "responses" and call.body.get("background") is True
+    job = await in_thread(
+        submit_flex_job,
+        job_id=job_id,
+        owner_id=call.key.user_id,
+        api_key_id=call.key.id,
+        model_alias=call.model.alias,
+        path=call.endpoint,
+        request_body=call.body,
+        background=background,
+    )
+    if background:
+        from gateway.views import response_object
+
+        return json_response(response_object(job), 202)
+    return await hold(call, job)
+
+
+async def hold(call: GatewayCall, job: InferenceRequest) -> HttpResponse:
+    """Wait, on the event loop, for the job to end or its deadline to pass; answer like the upstream."""
+    assert job.deadline is not None
+    # A little past the deadline: event-loop timers may fire up to a clock tick early.
+    remaining = job.deadline.timestamp() - time.time() + 0.05
+    try:
+        finished = await waiters().wait(job.id, max(remaining, 0.0))
+    except asyncio.CancelledError:
+        # The client went away: nobody can read a blocking job's result, so it must not run or be charged.
+        task = asyncio.get_running_loop().create_task(in_thread(cancel_abandoned_job, job.id))
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+        raise
+    if finished:
+        job = await in_thread(InferenceRequest.objects.get, pk=job.id)
+    else:
+        job = await in_thread(expire_job, job.id)
+    return render(call, job)
+
+
+def render(call: GatewayCall, job: InferenceRequest) -> HttpResponse:
+    if job.state == JobState.COMPLETED and isinstance(job.response_body, dict):
+        status = job.response_status or 200
+        if call.endpoint == "responses":
+            from gateway.views import response_object
+
+            payload = response_object(job)
+            return replay_response(payload, status) if call.stream else json_response(payload, status)
+        return replay_chat(job.response_body, status) if call.stream else json_response(job.response_body, status)
+    if job.state == JobState.CANCELED:
+        return openai_error(409, "The request was cancelled before it finished.", code="cancelled")
+    if job.state in (JobState.PENDING, JobState.CLAIMED, JobState.PROCESSING):
+        # Only when expiring lost a race with a worker that is storing the result right now.
+        return openai_error(504, "The flex request did not finish before its deadline.", code="deadline_exceeded")
+    status = job.response_status or 500
+    if isinstance(job.response_body, dict) and "error" in job.response_body:
+        return json_response(job.response_body, status)
+    return openai_error(status, job.error or "The request failed.", code="upstream_error")
+
+
+# --- replaying a finished result as a stream -----------------------------------------------------
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def event_stream(body: bytes, status: int) -> HttpResponse:
+    response = HttpResponse(body, status=status, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+def replay_chat(completion: dict[str, Any], status: int) -> HttpResponse:
+    """A finished chat.completion as the chunks a streamed call would have sent, usage last."""
+    base = {
+        "id": completion.get("id"),
+        "object": "chat.completion.chunk",
+        "created": completion.get("created"),
+        "model": completion.get("model"),
+    }
+    if completion.get("system_fingerprint") is not None:
+        base["system_fingerprint"] = completion["system_fingerprint"]
+    chunks = []
+    for choice in completion.get("choices") or []:
+        message = dict(choice.get("message") or {})
+        delta: dict[str, Any] = {"role": message.get("role", "assistant"), "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **tool} for i, tool in enumerate(message["tool_calls"])]
+        if message.get("refusal") is not None:
+            delta["refusal"] = message["refusal"]
+        index = choice.get("index", 0)
+        chunks.append(sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}))
+        done = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        chunks.append(sse({**base, "choices": [done]}))
+    if completion.get("usage") is not None:
+        chunks.append(sse({**base, "choices": [], "usage": completion["usage"]}))
+    chunks.append(b"data: [DONE]\n\n")
+    return event_stream(b"".join(chunks), status)
+
+
+def replay_response(response: dict[str, Any], status: int) -> HttpResponse:
+    """A finished response object as the Responses API's events, from response.created to response.completed."""
+    events: list[bytes] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        events.append(sse({"type": kind, "sequence_number": len(events), **fields}, kind))
+
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    emit("response.created", response=started)
+    emit("response.in_progress", response=started)
+    for output_index, item in enumerate(response.get("output") or []):
+        if not isinstance(item, dict):
+            continue
+        item_id = item.get("id", "")
+        parts = item.get("content") if item.get("type") == "message" else None
+        emit(
+            "response.output_item.added",
+            output_index=output_index,
+            item={**item, "status": "in_progress", **({"content": []} if parts is not None else {})},
+        )
+        for content_index, part in enumerate(parts or []):
+            place = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
+            if part.get("type") == "output_text":
+                emit("response.content_part.added", **place, part={**part, "text": ""})
+                emit("response.output_text.delta", **place, delta=part.get("text", ""), logprobs=[])
+                emit("response.output_text.done", **place, text=part.get("text", ""), logprobs=[])
+            else:
+                emit("response.content_part.added", **place, part=part)
+            emit("response.content_part.done", **place, part=part)
+        emit("response.output_item.done", output_index=output_index, item=item)
+    emit("response.completed", response=response)
+    return event_stream(b"".join(events), status)

@@ -197,9 +197,8 @@ def _rebuild(*, force: bool = False) -> Snapshot:
 
 
 async def _watch() -> None:
-    interval = settings.GATEWAY_SNAPSHOT_POLL_SECONDS
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(settings.GATEWAY_SNAPSHOT_POLL_SECONDS)
         try:
             current = _state.snapshot
             version = await in_thread(read_version)
@@ -221,5 +220,9 @@ async def aget_snapshot() -> Snapshot:
 
 
 def get_snapshot() -> Snapshot:
-    """Sync twin of :func:`aget_snapshot` (workers, tests): always current."""
-    return _rebuild()
+    """Sync twin of :func:`aget_snapshot` for workers, which run no watcher: checks the shared
+    version itself (one query), so a change made in any process is seen."""
+    current = _state.snapshot
+    if current is None or _state.stale or read_version() != current.version:
+        return _rebuild(force=True)
+    return current

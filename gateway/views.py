@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 
 from gateway import clients, limits
 from gateway.accounting import CallRecord, accountant
@@ -20,7 +21,15 @@ from gateway.db import in_thread
 from gateway.errors import openai_error
 from gateway.middleware import GatewayCall
 from gateway.models import InferenceRequest, JobState
-from gateway.proxy import SSEUsage, UpstreamResult, call_upstream, open_upstream, parse_json, relay_stream
+from gateway.proxy import (
+    SSEUsage,
+    UpstreamResult,
+    call_upstream,
+    open_upstream,
+    parse_json,
+    relay_stream,
+    usage_tokens,
+)
 from gateway.routing import Route
 from gateway.services import cancel_job, create_job, find_job, finish_job, record_response
 from gateway.snapshot import aget_snapshot
@@ -31,7 +40,7 @@ WORKER_NAME = f"gateway:{socket.gethostname()}:{os.getpid()}"
 _background: dict[uuid.UUID, asyncio.Task[None]] = {}
 
 
-def json_response(payload: Any, status: int = 200) -> HttpResponse:
+def json_response(payload: Any, status: int = 200) -> HttpResponseBase:
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
 
 
@@ -56,7 +65,7 @@ def record_call(call: GatewayCall, status: int, *, tokens=(None, None), ttfb_ms=
     )
 
 
-def upstream_failure(exc: Exception) -> HttpResponse:
+def upstream_failure(exc: Exception) -> HttpResponseBase:
     if isinstance(exc, clients.UpstreamTimeout):
         return openai_error(504, "The upstream model server did not answer in time.", code="upstream_timeout")
     return openai_error(502, "The upstream model server could not be reached.", code="upstream_unreachable")
@@ -69,7 +78,7 @@ def failure_status(exc: Exception) -> int:
 # --- chat completions and embeddings -------------------------------------------------------------
 
 
-async def proxy(request: HttpRequest) -> HttpResponse:
+async def proxy(request: HttpRequest) -> HttpResponseBase:
     call: GatewayCall = request.gateway  # type: ignore[attr-defined]
     assert call.model is not None
     if call.stream:
@@ -83,7 +92,7 @@ async def proxy(request: HttpRequest) -> HttpResponse:
     return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
 
-async def proxy_stream(call: GatewayCall, transform=None, on_end=None) -> HttpResponse:  # type: ignore[no-untyped-def]
+async def proxy_stream(call: GatewayCall, transform=None, on_end=None) -> HttpResponseBase:  # type: ignore[no-untyped-def]
     assert call.model is not None
     try:
         upstream = await open_upstream(call.model, call.endpoint, call.body)
@@ -96,7 +105,8 @@ async def proxy_stream(call: GatewayCall, transform=None, on_end=None) -> HttpRe
         except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
             record_call(call, failure_status(exc))
             return upstream_failure(exc)
-        record_call(call, upstream.status)
+        tokens = usage_tokens(parse_json(raw)) if upstream.status < 400 else (None, None)
+        record_call(call, upstream.status, tokens=tokens)
         return HttpResponse(raw, status=upstream.status, content_type=upstream.content_type)
 
     def ended(status: int, usage: SSEUsage, ttfb_ms: float | None) -> None:
@@ -145,6 +155,18 @@ def response_object(job: InferenceRequest) -> dict[str, Any]:
     return payload
 
 
+def job_fields(call: GatewayCall, job_id: uuid.UUID) -> dict[str, Any]:
+    """What every recorded /responses call stores about its request."""
+    return {
+        "job_id": job_id,
+        "owner_id": call.key.user_id,
+        "api_key_id": call.key.id,
+        "model_alias": call.requested_alias,
+        "path": call.endpoint,
+        "request_body": call.body,
+    }
+
+
 def with_id(body: bytes, job_id: uuid.UUID) -> Any:
     payload = parse_json(body)
     if isinstance(payload, dict):
@@ -152,7 +174,7 @@ def with_id(body: bytes, job_id: uuid.UUID) -> Any:
     return payload
 
 
-async def responses(request: HttpRequest) -> HttpResponse:
+async def responses(request: HttpRequest) -> HttpResponseBase:
     call: GatewayCall = request.gateway  # type: ignore[attr-defined]
     assert call.model is not None
     job_id = uuid.UUID(call.request_id)
@@ -169,11 +191,7 @@ async def responses(request: HttpRequest) -> HttpResponse:
     # Recorded before the reply, so the id the client receives can be read back at once.
     await in_thread(
         record_response,
-        job_id=job_id,
-        owner_id=call.key.user_id,
-        api_key_id=call.key.id,
-        model_alias=call.requested_alias,
-        request_body=call.body,
+        **job_fields(call, job_id),
         status=result.status,
         body=payload,
         input_tokens=result.input_tokens,
@@ -188,19 +206,9 @@ async def responses(request: HttpRequest) -> HttpResponse:
 UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 
 
-async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse:
+async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Relay a streamed /responses call, showing the client our id in place of the upstream's."""
-    await in_thread(
-        create_job,
-        job_id=job_id,
-        owner_id=call.key.user_id,
-        api_key_id=call.key.id,
-        model_alias=call.requested_alias,
-        path=call.endpoint,
-        request_body=call.body,
-        state=JobState.PROCESSING,
-        claimed_by=WORKER_NAME,
-    )
+    await in_thread(create_job, **job_fields(call, job_id), state=JobState.PROCESSING, claimed_by=WORKER_NAME)
     ours = f"resp_{job_id.hex}".encode()
     seen: list[bytes] = []
 
@@ -236,19 +244,10 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse:
     return await proxy_stream(call, transform=transform, on_end=ended)
 
 
-async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse:
+async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Record the job, reply 202 at once, and make the call without the client."""
     job = await in_thread(
-        create_job,
-        job_id=job_id,
-        owner_id=call.key.user_id,
-        api_key_id=call.key.id,
-        model_alias=call.requested_alias,
-        path=call.endpoint,
-        request_body=call.body,
-        background=True,
-        state=JobState.PROCESSING,
-        claimed_by=WORKER_NAME,
+        create_job, **job_fields(call, job_id), background=True, state=JobState.PROCESSING, claimed_by=WORKER_NAME
     )
     task = asyncio.get_running_loop().create_task(run_background(call, job_id))
     _background[job_id] = task
@@ -284,7 +283,7 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID) -> None:
 # --- reading, cancelling, listing ----------------------------------------------------------------
 
 
-async def response_detail(request: HttpRequest, response_id: str) -> HttpResponse:
+async def response_detail(request: HttpRequest, response_id: str) -> HttpResponseBase:
     call: GatewayCall = request.gateway  # type: ignore[attr-defined]
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here.")
@@ -294,7 +293,7 @@ async def response_detail(request: HttpRequest, response_id: str) -> HttpRespons
     return json_response(response_object(job))
 
 
-async def response_cancel(request: HttpRequest, response_id: str) -> HttpResponse:
+async def response_cancel(request: HttpRequest, response_id: str) -> HttpResponseBase:
     call: GatewayCall = request.gateway  # type: ignore[attr-defined]
     if request.method != "POST":
         return openai_error(405, f"Method {request.method} is not allowed here.")
@@ -308,7 +307,7 @@ async def response_cancel(request: HttpRequest, response_id: str) -> HttpRespons
     return json_response(response_object(job))
 
 
-async def models(request: HttpRequest) -> HttpResponse:
+async def models(request: HttpRequest) -> HttpResponseBase:
     call: GatewayCall = request.gateway  # type: ignore[attr-defined]
     if request.method != "GET":
         return openai_error(405, f"Method {request.method} is not allowed here.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
@@ -33,8 +34,9 @@ def all_queries(monkeypatch) -> list[str]:
     return seen
 
 
-# The snapshot watcher and the usage flusher are started by the first request of this event loop;
-# long intervals keep their (legitimate, off-path) queries out of the measured window.
+# The snapshot watchers and usage flushers (of this event loop, and of the live server other tests
+# started) query the database on their own schedule; long intervals keep those legitimate,
+# off-path queries out of the measured window.
 @override_settings(GATEWAY_SNAPSHOT_POLL_SECONDS=600, GATEWAY_ACCOUNTING_FLUSH_SECONDS=600)
 def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, all_queries, django_assert_num_queries):
     from dwctl_site.asgi import application
@@ -53,12 +55,13 @@ def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, al
         return reply.status_code
 
     assert asyncio.run(one_request()) == 200  # builds the snapshot
+    time.sleep(0.5)  # lets a watcher or flusher that was mid-interval start its long sleep
     all_queries.clear()
     with django_assert_num_queries(0):
         assert asyncio.run(one_request()) == 200
     assert all_queries == []
 
     # The work did happen: it is written later, off the request path.
-    assert len(accountant.pending) >= 2
+    assert len(accountant.pending) >= 1
     accountant.flush()
     wait_for(lambda: all_queries)

@@ -1,0 +1,278 @@
+"""Flex workers: one django-q2 task runs many queued calls at once on an event loop.
+
+A django-q2 worker process runs one task at a time, and an upstream call can take minutes, so
+one task per job would cap in-flight calls at the number of worker processes. Instead a task
+starts a :class:`Runner`: it claims up to ``GATEWAY_FLEX_IN_FLIGHT`` due jobs (each model within
+its ``flex_concurrency``, counted in the database across all workers), runs them concurrently
+with the shared async upstream client, and claims more as calls finish. It claims a job only
+while the job's endpoint timeout still fits before django-q2's ``timeout``, and gives back to the
+queue whatever it could not finish, so it always returns in time; the atomic claim makes a second
+delivery of the same task harmless. Outcomes are written in small batches, one transaction each.
+
+Run it with ``manage.py qcluster``; tests call :func:`run_flex_jobs` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from gateway import clients
+from gateway.db import in_thread
+from gateway.flex import announce
+from gateway.models import InferenceRequest
+from gateway.proxy import call_upstream, parse_json
+from gateway.services import (
+    Outcome,
+    claim_jobs,
+    error_envelope,
+    release_jobs,
+    settle_jobs,
+    start_jobs,
+    sweep_jobs,
+)
+from gateway.snapshot import ModelEntry, Snapshot, get_snapshot
+
+logger = logging.getLogger(__name__)
+# Fields of the client's request that only the gateway reads: the worker's call is a plain one.
+QUEUE_ONLY_FIELDS = ("stream", "stream_options", "service_tier", "background")
+POLL_SECONDS = 0.5
+# At most this often a busy runner claims more jobs (one claim serves every slot freed meanwhile).
+CLAIM_INTERVAL = 0.1
+# Outcomes wait this long for company before they are written in one transaction.
+SETTLE_BATCH_SECONDS = 0.05
+# A runner with nothing in flight stays while a retry is due this soon.
+RETRY_HORIZON_SECONDS = 10
+
+
+def worker_name() -> str:
+    """Who holds a claim: host and pid (so the sweep can tell a dead process) and a unique suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def task_timeout() -> float:
+    timeout = settings.Q_CLUSTER.get("timeout")
+    return float(timeout) if isinstance(timeout, int | float) else 120.0
+
+
+@dataclass
+class Runner:
+    """Claims and runs flex jobs concurrently until the queue is empty or its time is up."""
+
+    max_in_flight: int = field(default_factory=lambda: getattr(settings, "GATEWAY_FLEX_IN_FLIGHT", 200))
+    # Cancel and give back whatever still runs after this many seconds: always inside django-q2's
+    # timeout. Until then a job is claimed only if its endpoint's timeout fits in the time left.
+    hard_stop: float = field(default_factory=lambda: max(task_timeout() - 10, 1))
+    # Stop claiming after this many seconds (default: the hard stop); with `linger`, stay this long
+    # even when the queue is empty.
+    lifetime: float | None = None
+    linger: bool = False
+    sweep_every: float | None = None
+    name: str = field(default_factory=worker_name)
+    # Set from another thread to make the runner give its jobs back and return (tests, shutdown).
+    stop: threading.Event | None = None
+    finished: int = 0
+    in_flight: dict[asyncio.Task[None], uuid.UUID] = field(default_factory=dict)
+    outcomes: list[tuple[Outcome, asyncio.Future[str | None]]] = field(default_factory=list)
+    writer: asyncio.Task[None] | None = None
+    snapshot: Snapshot | None = None
+    started: float = 0.0
+
+    async def run(self) -> int:
+        started = self.started = time.monotonic()
+        if self.lifetime is None:
+            self.lifetime = self.hard_stop
+        last_sweep = last_claim = -float("inf")
+        try:
+            while True:
+                now = time.monotonic() - started
+                if self.sweep_every is not None and now - last_sweep >= self.sweep_every:
+                    last_sweep = now
+                    await self.sweep()
+                claimed = 0
+                if now < self.lifetime and (not self.in_flight or now - last_claim >= CLAIM_INTERVAL):
+                    last_claim = now
+                    claimed = await self.top_up()
+                if not self.in_flight and not claimed:
+                    if now >= self.lifetime:
+                        break
+                    if not self.linger and not await in_thread(retry_due_soon):
+                        break
+                if now >= self.hard_stop or (self.stop is not None and self.stop.is_set()):
+                    await self.give_back()
+                    break
+                if self.in_flight:
+                    done, _ = await asyncio.wait(
+                        self.in_flight, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        self.in_flight.pop(task, None)
+                    # Let a few more calls finish, so one claim tops up for several of them.
+                    await asyncio.sleep(max(0.0, last_claim + CLAIM_INTERVAL - (time.monotonic() - started)))
+                elif not claimed:
+                    await asyncio.sleep(POLL_SECONDS)
+        finally:
+            if self.in_flight:
+                await self.give_back()
+            if self.writer is not None:
+                await asyncio.gather(self.writer, return_exceptions=True)
+            await clients.aclose()
+        return self.finished
+
+    async def sweep(self) -> None:
+        try:
+            await announce(await in_thread(sweep_jobs))
+        except Exception:
+            logger.exception("The flex sweep failed; it runs again on the next round")
+
+    async def top_up(self) -> int:
+        room = self.max_in_flight - len(self.in_flight)
+        if room <= 0:
+            return 0
+        try:
+            time_left = self.hard_stop - (time.monotonic() - self.started)
+            jobs, refused, self.snapshot = await in_thread(claim_and_start, self.name, room, time_left)
+        except Exception:
+            logger.exception("Could not claim flex jobs; trying again")
+            return 0
+        if refused:
+            self.finished += len(refused)
+            await announce(refused)
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self.run_job(job))
+            self.in_flight[task] = job.id
+        return len(jobs)
+
+    async def give_back(self) -> None:
+        tasks = list(self.in_flight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ids = list(self.in_flight.values())
+        self.in_flight.clear()
+        if ids:
+            released = await in_thread(release_jobs, self.name, ids)
+            logger.info("Gave %d unfinished flex jobs back to the queue", released)
+
+    async def run_job(self, job: InferenceRequest) -> None:
+        assert self.snapshot is not None
+        model = self.snapshot.models.get(job.model_alias)
+        if model is None:
+            await self.settle(job, None, 404, None, "The model of this request is no longer available.")
+            return
+        body = {name: value for name, value in job.request_body.items() if name not in QUEUE_ONLY_FIELDS}
+        # Never past the job's deadline; the hard stop cancels the call itself (see give_back).
+        remaining = job.deadline.timestamp() - time.time() if job.deadline else model.endpoint.timeout_seconds + 1
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(max(remaining, 0.001)):
+                result = await call_upstream(model, job.path, body)
+        except clients.UpstreamTimeout:
+            await self.settle(job, model, 504, None, "The upstream model server did not answer in time.", started)
+            return
+        except clients.UpstreamUnreachable as exc:
+            await self.settle(job, model, 502, None, f"The upstream model server could not be reached: {exc}", started)
+            return
+        except TimeoutError:
+            await self.settle(job, model, 504, None, "The flex request did not finish before its deadline.", started)
+            return
+        payload = parse_json(result.body)
+        if job.path == "responses" and isinstance(payload, dict) and result.status < 400:
+            payload["id"] = job.public_id
+        error = ""
+        if result.status >= 400:
+            upstream_error = payload.get("error") if isinstance(payload, dict) else None
+            message = upstream_error.get("message") if isinstance(upstream_error, dict) else None
+            error = message or result.body[:500].decode(errors="replace") or f"Upstream status {result.status}"
+            if not isinstance(payload, dict):
+                payload = None
+        await self.settle(
+            job, model, result.status, payload, error, started, tokens=(result.input_tokens, result.output_tokens)
+        )
+
+    async def settle(
+        self,
+        job: InferenceRequest,
+        model: ModelEntry | None,
+        status: int,
+        body: object,
+        error: str,
+        started: float | None = None,
+        tokens: tuple[int | None, int | None] = (None, None),
+    ) -> None:
+        if body is None and status >= 400:
+            body = error_envelope(status, error, code="upstream_error")
+        outcome = Outcome(
+            job_id=job.id,
+            status=status,
+            body=body,
+            model_id=model.id if model else None,
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+            error=error,
+            latency_ms=(time.perf_counter() - started) * 1000 if started is not None else 0.0,
+        )
+        settled: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.outcomes.append((outcome, settled))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(self.write_outcomes())
+        if await settled in ("completed", "failed"):
+            self.finished += 1
+
+    async def write_outcomes(self) -> None:
+        """Store outcomes in batches: calls that end together share one transaction."""
+        while self.outcomes:
+            if len(self.in_flight) > len(self.outcomes):  # others may end any moment: wait for them
+                await asyncio.sleep(SETTLE_BATCH_SECONDS)
+            batch, self.outcomes = self.outcomes, []
+            try:
+                states = await in_thread(settle_jobs, self.name, [outcome for outcome, _ in batch])
+            except Exception:
+                # Nothing was stored: the jobs stay claimed by us until the sweep re-queues them.
+                logger.exception("Could not store %d flex outcomes", len(batch))
+                states = {}
+            for outcome, settled in batch:
+                if not settled.done():  # a job given back meanwhile stopped waiting
+                    settled.set_result(states.get(outcome.job_id))
+            await announce([job_id for job_id, state in states.items() if state in ("completed", "failed")])
+
+
+def claim_and_start(
+    worker: str, limit: int, time_left: float
+) -> tuple[list[InferenceRequest], list[uuid.UUID], Snapshot]:
+    """Claim due jobs and re-check their owners' balances: the jobs that may run, and those refused."""
+    snapshot = get_snapshot()
+    jobs = claim_jobs(worker, limit=limit, max_call_seconds=time_left)
+    if not jobs:
+        return [], [], snapshot
+    model_ids = {
+        job.id: (snapshot.models[job.model_alias].id if job.model_alias in snapshot.models else None) for job in jobs
+    }
+    runnable = set(start_jobs(worker, model_ids))
+    refused = [job.id for job in jobs if job.id not in runnable]
+    return [job for job in jobs if job.id in runnable], refused, snapshot
+
+
+def retry_due_soon() -> bool:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    return (
+        InferenceRequest.objects.claimable(timezone.now() + timedelta(seconds=RETRY_HORIZON_SECONDS))
+        .filter(service_tier="flex")
+        .exists()
+    )
+
+
+def run_flex_jobs(**options: object) -> int:
+    """Run one runner to its end (sync: a django-q2 task or a test); returns how many jobs it finished."""
+    return asyncio.run(Runner(**options).run())  # type: ignore[arg-type]
