@@ -189,7 +189,7 @@ def json_response(payload: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
 
 
-async def submit(call: GatewayCall, serve_now) -> HttpResponse:  # type: ignore[no-untyped-def]
+async def submit(call: GatewayCall) -> HttpResponse:
     """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
     assert call.model is not None
     job_id = uuid.UUID(call.request_id)

@@ -60,13 +60,22 @@ def _too_many(message: str, wait: float, code: str) -> HttpResponse:
     return openai_error(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-async def acquire(call: GatewayCall) -> HttpResponse | None:
-    """Take a slot for the call, or return the 429 that refuses it."""
-    key, model = call.key, call.model
-    assert model is not None
+async def check_key(call: GatewayCall) -> HttpResponse | None:
+    """Count the request against its key's rate, whatever its tier; return the 429 if it is spent."""
+    key = call.key
     wait = await _over("key", key.id, key.requests_per_second, key.burst_size)
-    if wait is not None:
-        return _too_many("Rate limit reached for this API key. Please slow down.", wait, "rate_limit_exceeded")
+    if wait is None:
+        return None
+    return _too_many("Rate limit reached for this API key. Please slow down.", wait, "rate_limit_exceeded")
+
+
+async def acquire(call: GatewayCall) -> HttpResponse | None:
+    """Take a real-time slot on the model (its rate and its capacity), or return the 429 that refuses it.
+
+    Queued (flex) calls take none: their model's flex_concurrency bounds them in the workers.
+    """
+    model = call.model
+    assert model is not None
     wait = await _over("model", model.id, model.requests_per_second, model.burst_size)
     if wait is not None:
         return _too_many(

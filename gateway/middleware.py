@@ -135,12 +135,15 @@ class TierRoutingMiddleware(AsyncMiddleware):
         assert isinstance(decision, Authorized)
         call.model = decision.model
         call.requested_alias = decision.requested_alias
+        refusal = await limits.check_key(call)
+        if refusal is not None:
+            return refusal
         if call.route == Route.FLEX:
-            return await flex.submit(call, lambda: self.serve(request, call))
+            return await flex.submit(call)
         return await self.serve(request, call)
 
     async def serve(self, request: HttpRequest, call: GatewayCall) -> HttpResponseBase:
-        """Serve in real time, within the key's and the model's limits."""
+        """Serve in real time, within the model's rate and capacity."""
         refusal = await limits.acquire(call)
         if refusal is not None:
             return refusal

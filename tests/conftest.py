@@ -11,6 +11,7 @@ from decimal import Decimal
 import openai
 import pytest
 import uvicorn
+from django.db import connection
 
 from accounts.models import User
 from accounts.services import create_api_key
@@ -116,6 +117,15 @@ def make_key(transactional_db) -> Callable[..., str]:
         return create_api_key(user, purpose=purpose, **kwargs)[1]
 
     return make
+
+
+def live_database_url() -> str:
+    """The URL of the database this test runs against, for a child process (a server, a worker)."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def balance_of(user: User) -> Decimal:

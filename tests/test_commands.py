@@ -14,7 +14,6 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.utils import timezone
 
 from accounts.models import ApiKey, User
@@ -22,6 +21,7 @@ from billing.models import Balance, CreditTransaction, Tariff
 from gateway.models import DeployedModel, Endpoint
 from gateway.services import add_endpoint, add_model
 from routing_rules.models import TrafficRule
+from tests.conftest import live_database_url
 
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 
@@ -299,17 +299,8 @@ def test_ensure_admin_does_nothing_when_a_superuser_exists(admin_user: User) -> 
 # --- as a real process ----------------------------------------------------------------------
 
 
-def database_url() -> str:
-    """The URL of the database this test runs against, for a child process."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
+    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
     return subprocess.run(
         [sys.executable, str(MANAGE), *args], capture_output=True, text=True, env=env, timeout=120, check=False
     )

@@ -10,23 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from django.db import connection
 
 from accounts.models import ApiKey
 from accounts.services import revoke_api_key
-from tests.conftest import wait_for
+from tests.conftest import live_database_url, wait_for
 from tests.upstream import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def live_database_url() -> str:
-    settings = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{settings['NAME']}"
-    host, port = settings.get("HOST") or "127.0.0.1", settings.get("PORT") or 5432
-    return f"postgres://{settings['USER']}@{host}:{port}/{settings['NAME']}"
 
 
 @pytest.fixture

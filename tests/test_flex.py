@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections
 
 from accounts.services import create_user
 from billing.models import CreditTransaction
@@ -26,7 +26,7 @@ from gateway.models import DeployedModel, InferenceRequest, JobState, RequestLog
 from gateway.services import claim_jobs, create_job, sweep_jobs
 from gateway.worker import run_flex_jobs
 from routing_rules.services import add_traffic_rule
-from tests.conftest import FLEX_IN, FLEX_OUT, balance_of, wait_for
+from tests.conftest import FLEX_IN, FLEX_OUT, balance_of, live_database_url, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -478,22 +478,13 @@ def test_the_sweep_fails_a_realtime_background_call_whose_gateway_died(world, us
 # --- a worker process killed mid-job ---------------------------------------------------------
 
 
-def database_url() -> str:
-    """The URL of the database this test runs against, for a child process."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
 def test_a_worker_killed_mid_job_is_swept_and_the_job_completes_once(world, user_with_credits, make_key):
     world.upstream.slow_seconds = 2.0
     secret = make_key(user_with_credits)
     body = post(
         world, secret, "responses", {"model": "slow", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
-    env = {**os.environ, "DATABASE_URL": database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
+    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
     cluster = subprocess.Popen(
         [sys.executable, str(MANAGE), "qcluster"],
         env=env,
@@ -537,3 +528,14 @@ def test_flex_users_only_see_their_own_jobs(world, user_with_credits, make_key):
         world.client(make_key(stranger)).responses.retrieve(body["id"])
     with pytest.raises(openai.NotFoundError):
         world.client(make_key(stranger)).responses.cancel(body["id"])
+
+
+def test_the_keys_rate_limit_counts_flex_submissions_too(world, user_with_credits, make_key):
+    secret = make_key(user_with_credits, requests_per_second=1, burst_size=1)
+    body = {"model": "gpt-test", "input": "hi", "service_tier": "flex", "background": True}
+
+    assert post(world, secret, "responses", body).status_code == 202
+    refused = post(world, secret, "responses", body)
+
+    assert refused.status_code == 429
+    assert InferenceRequest.objects.count() == 1
