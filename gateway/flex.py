@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from gateway.db import in_thread
 from gateway.errors import openai_error
 from gateway.models import InferenceRequest, JobState
+from gateway.responses import json_response, response_object
 from gateway.services import cancel_abandoned_job, expire_job, finished_job_ids, submit_flex_job
 
 if TYPE_CHECKING:
@@ -185,10 +186,6 @@ def waiters() -> _Waiters:
 _abandoned: set[asyncio.Task[bool]] = set()
 
 
-def json_response(payload: Any, status: int = 200) -> HttpResponse:
-    return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
-
-
 async def submit(call: GatewayCall) -> HttpResponse:
     """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
     assert call.model is not None
@@ -205,8 +202,6 @@ async def submit(call: GatewayCall) -> HttpResponse:
         background=background,
     )
     if background:
-        from gateway.views import response_object
-
         return json_response(response_object(job), 202)
     return await hold(call, job)
 
@@ -235,8 +230,6 @@ def render(call: GatewayCall, job: InferenceRequest) -> HttpResponse:
     if job.state == JobState.COMPLETED and isinstance(job.response_body, dict):
         status = job.response_status or 200
         if call.endpoint == "responses":
-            from gateway.views import response_object
-
             payload = response_object(job)
             return replay_response(payload, status) if call.stream else json_response(payload, status)
         return replay_chat(job.response_body, status) if call.stream else json_response(job.response_body, status)

@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any
 
-import orjson
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
@@ -20,7 +19,7 @@ from gateway.accounting import CallRecord, accountant
 from gateway.db import in_thread
 from gateway.errors import openai_error
 from gateway.middleware import GatewayCall
-from gateway.models import InferenceRequest, JobState
+from gateway.models import JobState
 from gateway.proxy import (
     SSEUsage,
     UpstreamResult,
@@ -30,6 +29,7 @@ from gateway.proxy import (
     relay_stream,
     usage_tokens,
 )
+from gateway.responses import json_response, response_object
 from gateway.routing import Route
 from gateway.services import cancel_job, create_job, find_job, finish_job, record_response
 from gateway.snapshot import aget_snapshot
@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 WORKER_NAME = f"gateway:{socket.gethostname()}:{os.getpid()}"
 # Background calls running in this process, kept so they are not garbage-collected mid-flight.
 _background: dict[uuid.UUID, asyncio.Task[None]] = {}
-
-
-def json_response(payload: Any, status: int = 200) -> HttpResponseBase:
-    return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
 
 
 def record_call(call: GatewayCall, status: int, *, tokens=(None, None), ttfb_ms=None, request_id=None) -> None:  # type: ignore[no-untyped-def]
@@ -126,33 +122,6 @@ embeddings = proxy
 
 
 # --- /v1/responses -------------------------------------------------------------------------------
-
-
-def response_object(job: InferenceRequest) -> dict[str, Any]:
-    """The OpenAI response object for a recorded call or job, in whatever state it is."""
-    body = job.response_body
-    if job.state == JobState.COMPLETED and isinstance(body, dict):
-        payload = dict(body)
-    else:
-        payload = {
-            "object": "response",
-            "created_at": int(job.created_at.timestamp()),
-            "model": job.model_alias,
-            "output": [],
-            "usage": None,
-            "error": None,
-        }
-        if job.state == JobState.FAILED:
-            upstream_error = body.get("error") if isinstance(body, dict) else None
-            message = job.error or (upstream_error or {}).get("message") or "The request failed."
-            payload["error"] = {"code": str((upstream_error or {}).get("code") or "server_error"), "message": message}
-    payload.update(
-        id=job.public_id,
-        status=job.openai_status,
-        background=job.background,
-        service_tier="flex" if job.service_tier == "flex" else "default",
-    )
-    return payload
 
 
 def job_fields(call: GatewayCall, job_id: uuid.UUID) -> dict[str, Any]:
