@@ -5,6 +5,8 @@
 #   direct         the mock upstream itself (the baseline of every round)
 #   gateway        our gateway (uvicorn, one process) with a real user, key, model and tariff
 #   gateway-scale  the same gateway with SCALE_KEYS keys and SCALE_MODELS models in its DB
+#   gateway-httpx  (not default) the gateway with httpx's API on the httpx-aiohttp transport
+#   gateway-daphne (not default) the gateway served by daphne instead of uvicorn
 #   litellm        the LiteLLM proxy as the peer, when it is installed
 # For each target and round: JSON and `stream: true` chat completions at 1 connection
 # (latency) and TPUT_CONNS connections (throughput), then SLOW_CONNS connections against an
@@ -281,17 +283,22 @@ target_start() {
       T_SLOW_URL=$SLOW_BASE/chat/completions T_SLOW_MODEL=bench-model
       return 0
       ;;
-    gateway | gateway-scale)
+    gateway | gateway-scale | gateway-httpx | gateway-daphne)
       local db=$GW_DB key=${GW_KEY:-}
       if [[ $name == gateway-scale ]]; then db=$SCALE_DB key=$SCALE_KEY; fi
       gw_env "$db"
+      # Variants: the upstream client on httpx's API (httpx-aiohttp transport), or daphne as the server.
+      if [[ $name == gateway-httpx ]]; then GW_ENV+=(GATEWAY_UPSTREAM_TRANSPORT=httpx); fi
+      local server=("$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT"
+        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN")
+      if [[ $name == gateway-daphne ]]; then
+        server=("$VENV/bin/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" dwctl_site.asgi:application)
+      fi
       pin_to "$GATEWAY_CPUS"
-      start_bg "$LOG_DIR/$name-r$ROUND.log" env "${GW_ENV[@]}" "${PIN[@]}" \
-        "$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
-        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN"
+      start_bg "$LOG_DIR/$name-r$ROUND.log" env "${GW_ENV[@]}" "${PIN[@]}" "${server[@]}"
       T_PID=$BG_PID
       T_URL=http://127.0.0.1:$GATEWAY_PORT/ai/v1/chat/completions T_KEY=$key T_MODEL=bench-model
-      if [[ $name == gateway ]]; then
+      if [[ $name != gateway-scale ]]; then
         T_SLOW_URL=$T_URL T_SLOW_MODEL=bench-slow
       fi
       wait_http "http://127.0.0.1:$GATEWAY_PORT/ai/v1/models" "$READY_TIMEOUT" "$T_PID" "$key" || return 1

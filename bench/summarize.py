@@ -15,10 +15,12 @@ import statistics
 import sys
 from pathlib import Path
 
-ORDER = ["direct", "gateway", "gateway-scale", "litellm"]
+ORDER = ["direct", "gateway", "gateway-httpx", "gateway-daphne", "gateway-scale", "litellm"]
 LABEL = {
     "direct": "direct (mock upstream)",
     "gateway": "gateway",
+    "gateway-httpx": "gateway, httpx API on httpx-aiohttp",
+    "gateway-daphne": "gateway on daphne",
     "gateway-scale": "gateway at scale",
     "litellm": "LiteLLM proxy",
 }
