@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from django.http import HttpResponse
@@ -24,10 +25,15 @@ ERROR_TYPES = {
 }
 
 
+BALANCE_TOO_LOW_MESSAGE = "Account balance too low. Please add credits to continue."
+
+
+def error_envelope(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param, "code": code}}
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param, "code": code}}
-    )
+    return orjson.dumps(error_envelope(status, message, param=param, code=code))
 
 
 def openai_error(
@@ -94,4 +100,4 @@ def render_denial(denial: Denial) -> HttpResponse:
             "Please contact your administrator to request access.",
             code="blocked_by_routing_rule",
         )
-    return openai_error(402, "Account balance too low. Please add credits to continue.", code="insufficient_credits")
+    return openai_error(402, BALANCE_TOO_LOW_MESSAGE, code="insufficient_credits")

@@ -21,6 +21,7 @@ from accounts.models import AccessGroup
 from accounts.services import ensure_groups
 from billing.models import Balance, Tariff, Tier
 from billing.services import Usage, charge_usages, cost_of, select_tariff, set_tariff, tariff_for
+from gateway.errors import BALANCE_TOO_LOW_MESSAGE, error_envelope
 from gateway.models import (
     UNFINISHED_STATES,
     DeployedModel,
@@ -210,7 +211,6 @@ def find_job(public_id: str, owner_id: int) -> InferenceRequest | None:
 # is conditional on the job still being held by the same worker and unfinished, so a job that was
 # cancelled, expired or handed to another worker is never overwritten and never charged.
 
-BALANCE_TOO_LOW_MESSAGE = "Account balance too low. Please add credits to continue."
 DEADLINE_MESSAGE = "The flex request did not finish before its deadline."
 RETRYABLE_STATUSES = frozenset({408, 429})
 RETRY_FIRST_SECONDS = 1
@@ -218,12 +218,6 @@ RETRY_MAX_SECONDS = 10
 # How long past its endpoint's timeout a claimed job may stay unfinished before the sweep takes it back.
 STUCK_MARGIN_SECONDS = 60
 GATEWAY_CLAIM_PREFIX = "gateway:"
-
-
-def error_envelope(status: int, message: str, *, code: str | None = None) -> dict[str, Any]:
-    from gateway.errors import ERROR_TYPES
-
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": None, "code": code}}
 
 
 def _enqueue_dispatch() -> None:

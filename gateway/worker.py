@@ -27,13 +27,13 @@ from django.conf import settings
 
 from gateway import clients
 from gateway.db import in_thread
+from gateway.errors import error_envelope
 from gateway.flex import announce
 from gateway.models import InferenceRequest
 from gateway.proxy import call_upstream, parse_json
 from gateway.services import (
     Outcome,
     claim_jobs,
-    error_envelope,
     release_jobs,
     settle_jobs,
     start_jobs,
