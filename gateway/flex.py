@@ -189,18 +189,9 @@ _abandoned: set[asyncio.Task[bool]] = set()
 async def submit(call: GatewayCall) -> HttpResponse:
     """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
     assert call.model is not None
-    job_id = uuid.UUID(call.request_id)
     background = call.endpoint == "responses" and call.body.get("background") is True
-    job = await in_thread(
-        submit_flex_job,
-        job_id=job_id,
-        owner_id=call.key.user_id,
-        api_key_id=call.key.id,
-        model_alias=call.model.alias,
-        path=call.endpoint,
-        request_body=call.body,
-        background=background,
-    )
+    # The model actually served (after a redirect) is the one the worker calls.
+    job = await in_thread(submit_flex_job, **call.job_fields(call.model.alias), background=background)
     if background:
         return json_response(response_object(job), 202)
     return await hold(call, job)

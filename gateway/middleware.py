@@ -55,6 +55,17 @@ class GatewayCall:
     def tier(self) -> str:
         return "flex" if self.route == Route.FLEX else "realtime"
 
+    def job_fields(self, model_alias: str) -> dict[str, Any]:
+        """What a recorded call stores about its request (see gateway.services.create_job)."""
+        return {
+            "job_id": uuid.UUID(self.request_id),
+            "owner_id": self.key.user_id,
+            "api_key_id": self.key.id,
+            "model_alias": model_alias,
+            "path": self.endpoint,
+            "request_body": self.body,
+        }
+
 
 def new_request_id() -> str:
     # A random UUID without a syscall per request (uuid4 reads os.urandom): ids must be unique,

@@ -230,28 +230,11 @@ def _enqueue_dispatch() -> None:
         logger.exception("Could not enqueue a flex dispatch; the periodic drain will pick the job up")
 
 
-def submit_flex_job(
-    *,
-    job_id: uuid.UUID,
-    owner_id: int,
-    api_key_id: int | None,
-    model_alias: str,
-    path: str,
-    request_body: dict[str, Any],
-    background: bool = False,
-) -> InferenceRequest:
-    """Queue a flex request with its deadline, and hand it to the workers once committed."""
+def submit_flex_job(*, background: bool = False, **fields: Any) -> InferenceRequest:
+    """Queue a flex request (`fields` as for create_job) with its deadline; hand it to the workers once committed."""
     with transaction.atomic():
         job = create_job(
-            job_id=job_id,
-            owner_id=owner_id,
-            api_key_id=api_key_id,
-            model_alias=model_alias,
-            path=path,
-            request_body=request_body,
-            service_tier=Tier.FLEX,
-            background=background,
-            deadline_seconds=settings.GATEWAY_FLEX_WINDOW,
+            **fields, service_tier=Tier.FLEX, background=background, deadline_seconds=settings.GATEWAY_FLEX_WINDOW
         )
         transaction.on_commit(_enqueue_dispatch)
     return job

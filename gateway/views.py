@@ -124,18 +124,6 @@ embeddings = proxy
 # --- /v1/responses -------------------------------------------------------------------------------
 
 
-def job_fields(call: GatewayCall, job_id: uuid.UUID) -> dict[str, Any]:
-    """What every recorded /responses call stores about its request."""
-    return {
-        "job_id": job_id,
-        "owner_id": call.key.user_id,
-        "api_key_id": call.key.id,
-        "model_alias": call.requested_alias,
-        "path": call.endpoint,
-        "request_body": call.body,
-    }
-
-
 def with_id(body: bytes, job_id: uuid.UUID) -> Any:
     payload = parse_json(body)
     if isinstance(payload, dict):
@@ -160,7 +148,7 @@ async def responses(request: HttpRequest) -> HttpResponseBase:
     # Recorded before the reply, so the id the client receives can be read back at once.
     await in_thread(
         record_response,
-        **job_fields(call, job_id),
+        **call.job_fields(call.requested_alias),
         status=result.status,
         body=payload,
         input_tokens=result.input_tokens,
@@ -177,7 +165,9 @@ UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 
 async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Relay a streamed /responses call, showing the client our id in place of the upstream's."""
-    await in_thread(create_job, **job_fields(call, job_id), state=JobState.PROCESSING, claimed_by=WORKER_NAME)
+    await in_thread(
+        create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=WORKER_NAME
+    )
     ours = f"resp_{job_id.hex}".encode()
     seen: list[bytes] = []
 
@@ -216,7 +206,11 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
 async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Record the job, reply 202 at once, and make the call without the client."""
     job = await in_thread(
-        create_job, **job_fields(call, job_id), background=True, state=JobState.PROCESSING, claimed_by=WORKER_NAME
+        create_job,
+        **call.job_fields(call.requested_alias),
+        background=True,
+        state=JobState.PROCESSING,
+        claimed_by=WORKER_NAME,
     )
     task = asyncio.get_running_loop().create_task(run_background(call, job_id))
     _background[job_id] = task
