@@ -28,7 +28,7 @@ run: install
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-lint-only-secret} $(VENV)/bin/mypy accounts billing routing_rules gateway dwctl_site
+	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-lint-only-secret} $(VENV)/bin/mypy accounts billing routing_rules gateway dwctl_site common
 
 test: lint
 	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-test-only-secret} $(VENV)/bin/pytest

@@ -7,7 +7,8 @@ from decimal import Decimal
 import pytest
 
 from accounts.models import User
-from accounts.services import create_api_key, create_user
+from accounts.services import create_api_key
+from billing.services import create_user
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 from datetime import datetime
-from decimal import Decimal
 
 from django.db import transaction
 from django.utils import timezone
@@ -76,14 +75,11 @@ def create_user(
     *,
     email: str = "",
     password: str | None = None,
-    credits: Decimal | None = None,
     groups: Iterable[str] = (),
     is_staff: bool = False,
     is_superuser: bool = False,
 ) -> User:
-    """Create a user, optionally with starting credits and group memberships, all or nothing."""
-    from billing.services import grant_credits
-
+    """Create a user with group memberships, all or nothing (`billing.services.create_user` adds credits)."""
     if not username.strip():
         raise ValueError("The username cannot be empty.")
     if User.objects.filter(username=username).exists():
@@ -96,6 +92,4 @@ def create_user(
     user.save()
     for group in ensure_groups(groups):
         group.members.add(user)
-    if credits:
-        grant_credits(user, credits, description="Initial credits")
     return user

@@ -155,7 +155,8 @@ def setup_django() -> None:
 
 
 def seed(slow_base: str, fast_base: str) -> str:
-    from accounts.services import create_api_key, create_user
+    from accounts.services import create_api_key
+    from billing.services import create_user
     from gateway.models import DeployedModel
     from gateway.services import add_endpoint, add_model
 

@@ -135,6 +135,12 @@ class CreditTransaction(models.Model):
         return self.amount if self.kind in CREDITING_KINDS else -self.amount
 
 
+class BalanceQuerySet(models.QuerySet["Balance"]):
+    def amount_of(self, user: Any) -> Decimal:
+        """A user's credits; zero for a user who never had a ledger entry."""
+        return self.filter(user=user).values_list("amount", flat=True).first() or Decimal(0)
+
+
 class Balance(models.Model):
     """A user's current credits: the ledger's sum, kept in step in the same transaction."""
 
@@ -143,6 +149,8 @@ class Balance(models.Model):
     )
     amount = models.DecimalField(**AMOUNT, default=Decimal(0))
     updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = BalanceQuerySet.as_manager()
 
     def __str__(self) -> str:
         return f"{self.amount}"

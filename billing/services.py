@@ -5,11 +5,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts import services as accounts
 from accounts.models import User
 from billing.models import (
     CREDITING_KINDS,
@@ -22,7 +24,7 @@ from billing.models import (
     price_tokens,
 )
 from billing.signals import balance_sign_changed
-from dwctl_site.bulk import insert_rows
+from common.bulk import insert_rows
 
 
 def parse_amount(raw: object) -> Decimal:
@@ -131,6 +133,15 @@ def remove_credits(
     )
 
 
+@transaction.atomic
+def create_user(username: str, *, credits: Decimal | str | int | None = None, **fields: Any) -> User:
+    """Create a user (as `accounts.services.create_user`) with an opening balance, all or nothing."""
+    user = accounts.create_user(username, **fields)
+    if credits:
+        grant_credits(user, credits, description="Initial credits")
+    return user
+
+
 @dataclass(frozen=True)
 class Usage:
     user_id: int
@@ -206,6 +217,14 @@ def select_tariff(tariffs: Iterable[Tariff], tier: str, at: datetime) -> Tariff 
     if tariff is None and tier == Tier.FLEX:
         tariff = in_force.get(Tier.REALTIME)
     return tariff
+
+
+def paid_tiers(tariffs: Iterable[Tariff], at: datetime) -> frozenset[str]:
+    """The tiers at which one model's calls cost something at a time: the one "is it paid" rule."""
+    versions = list(tariffs)
+    return frozenset(
+        tier for tier in Tier.values if (tariff := select_tariff(versions, tier, at)) is not None and tariff.is_paid
+    )
 
 
 def tariff_for(model_id: int, tier: str, *, at: datetime | None = None) -> Tariff | None:

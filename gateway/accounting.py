@@ -1,9 +1,11 @@
-"""Billing and request logs, written in batches off the request path.
+"""Pricing, charging and request logs: the one path every tier's finished calls go through.
 
-A finished call becomes a :class:`CallRecord` appended to an in-memory list; a task on the
-event loop writes the list every ``GATEWAY_ACCOUNTING_FLUSH_SECONDS`` in one transaction (usage
-ledger rows, balances, request-log rows), and whatever is left is written at shutdown. Charges
-are keyed by request id, so writing a record twice never charges twice.
+A finished call becomes a :class:`CallRecord`. :func:`account` prices it (tariff of its tier in
+force when it started → cost), charges it, logs it and puts the cost on its job record.
+Real-time calls reach it in batches off the request path: appended to an in-memory list, which
+a task on the event loop writes every ``GATEWAY_ACCOUNTING_FLUSH_SECONDS`` in one transaction
+(whatever is left is written at shutdown). The flex worker calls it inside the transaction that
+settles its jobs. Charges are keyed by request id, so writing a record twice never charges twice.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import asyncio
 import atexit
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
@@ -23,117 +26,145 @@ from django.utils import timezone
 from accounts.models import ApiKey
 from billing.models import Tariff
 from billing.services import Usage, charge_usages, cost_of, select_tariff
-from dwctl_site.bulk import insert_rows
+from common.bulk import insert_rows
 from gateway.db import in_thread
-from gateway.models import RequestLog
+from gateway.models import InferenceRequest, RequestLog
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class CallRecord:
+    """One finished upstream call, as every tier reports it for pricing and logging."""
+
     request_id: str
     user_id: int
     api_key_id: int | None
-    model_id: int
+    model_id: int | None  # None: the model was retired before the call, nothing to price
     model_alias: str
     path: str
     tier: str
     status_code: int
-    started_at: float
+    started_at: datetime  # the call is priced at the tariff in force then
     latency_ms: float
     ttfb_ms: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    job_id: uuid.UUID | None = None  # the InferenceRequest that records this call, which gets its cost
+
+    @property
+    def billable(self) -> bool:
+        return self.status_code < 400 and self.model_id is not None and self.input_tokens is not None
+
+    @property
+    def source_id(self) -> str:
+        """The ledger's idempotency key: a recorded call is charged under its job's id."""
+        return str(self.job_id) if self.job_id is not None else self.request_id
 
 
-def is_billable(record: CallRecord) -> bool:
-    return record.status_code < 400 and (record.input_tokens or record.output_tokens) is not None
+def price(records: list[CallRecord]) -> dict[str, Decimal]:
+    """The cost of each billable record (by request id): its tokens at its tier's tariff when it started."""
+    billable = [r for r in records if r.billable]
+    tariffs: dict[int, list[Tariff]] = {}
+    for version in Tariff.objects.filter(model_id__in={r.model_id for r in billable}):
+        tariffs.setdefault(version.model_id, []).append(version)
+    return {
+        r.request_id: cost_of(
+            select_tariff(tariffs.get(r.model_id or 0, ()), r.tier, r.started_at),
+            r.input_tokens or 0,
+            r.output_tokens or 0,
+        )
+        for r in billable
+    }
+
+
+LOG_COLUMNS = (
+    "request_id",
+    "user_id",
+    "api_key_id",
+    "model_alias",
+    "path",
+    "service_tier",
+    "status_code",
+    "latency_ms",
+    "ttfb_ms",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "created_at",
+)
+
+
+def account(records: list[CallRecord]) -> dict[str, Decimal]:
+    """Price, charge and log finished calls, in the caller's transaction; returns the costs by request id.
+
+    The one path for every tier: a usage ledger row and balance move per billable call (idempotent
+    by source id), a request-log row per call, the cost on the call's job record, keys' last use.
+    """
+    costs = price(records)
+    charge_usages(
+        [
+            Usage(
+                user_id=r.user_id,
+                source_id=r.source_id,
+                model_alias=r.model_alias,
+                tier=r.tier,
+                input_tokens=r.input_tokens or 0,
+                output_tokens=r.output_tokens or 0,
+                cost=costs[r.request_id],
+            )
+            for r in records
+            if r.request_id in costs
+        ]
+    )
+    insert_rows(
+        RequestLog,
+        LOG_COLUMNS,
+        [
+            (
+                r.request_id,
+                r.user_id,
+                r.api_key_id,
+                r.model_alias,
+                r.path,
+                r.tier,
+                r.status_code,
+                r.latency_ms,
+                r.ttfb_ms,
+                r.input_tokens,
+                r.output_tokens,
+                costs.get(r.request_id),
+                r.started_at,
+            )
+            for r in records
+        ],
+        skip_conflicts=True,
+    )
+    for r in records:
+        if r.job_id is not None and r.request_id in costs:
+            InferenceRequest.objects.filter(pk=r.job_id).update(cost=costs[r.request_id])
+    key_ids = {r.api_key_id for r in records if r.api_key_id is not None}
+    if key_ids:
+        # A plain UPDATE: no signal, so last-used times never invalidate the auth snapshot.
+        ApiKey.objects.filter(id__in=key_ids).update(last_used_at=timezone.now())
+    return costs
 
 
 def write_records(records: list[CallRecord]) -> None:
-    """Charge and log a batch in one transaction; if the batch is refused, write record by record.
+    """Account a batch in one transaction; if the batch is refused, write record by record.
 
     A record refused on its own (its user or key was deleted meanwhile) is logged and dropped,
     so one bad record never blocks the others.
     """
     try:
-        _write_batch(records)
+        with transaction.atomic():
+            account(records)
     except IntegrityError:
         if len(records) == 1:
             logger.exception("Dropped a call record the database refused: %s", records[0])
             return
         for record in records:
             write_records([record])
-
-
-def _write_batch(records: list[CallRecord]) -> None:
-    started = {id(r): datetime.fromtimestamp(r.started_at, tz=UTC) for r in records}
-    tariffs: dict[int, list[Tariff]] = {}
-    for version in Tariff.objects.filter(model_id__in={r.model_id for r in records if is_billable(r)}):
-        tariffs.setdefault(version.model_id, []).append(version)
-    costs: dict[str, Decimal | None] = {}
-    usages = []
-    for record in records:
-        cost: Decimal | None = None
-        if is_billable(record):
-            tariff = select_tariff(tariffs.get(record.model_id, ()), record.tier, started[id(record)])
-            cost = cost_of(tariff, record.input_tokens or 0, record.output_tokens or 0)
-            usages.append(
-                Usage(
-                    user_id=record.user_id,
-                    source_id=record.request_id,
-                    model_alias=record.model_alias,
-                    tier=record.tier,
-                    input_tokens=record.input_tokens or 0,
-                    output_tokens=record.output_tokens or 0,
-                    cost=cost,
-                )
-            )
-        costs[record.request_id] = cost
-    with transaction.atomic():
-        charge_usages(usages)
-        insert_rows(
-            RequestLog,
-            (
-                "request_id",
-                "user_id",
-                "api_key_id",
-                "model_alias",
-                "path",
-                "service_tier",
-                "status_code",
-                "latency_ms",
-                "ttfb_ms",
-                "input_tokens",
-                "output_tokens",
-                "cost",
-                "created_at",
-            ),
-            [
-                (
-                    r.request_id,
-                    r.user_id,
-                    r.api_key_id,
-                    r.model_alias,
-                    r.path,
-                    r.tier,
-                    r.status_code,
-                    r.latency_ms,
-                    r.ttfb_ms,
-                    r.input_tokens,
-                    r.output_tokens,
-                    costs[r.request_id],
-                    started[id(r)],
-                )
-                for r in records
-            ],
-            skip_conflicts=True,
-        )
-        key_ids = {r.api_key_id for r in records if r.api_key_id is not None}
-        if key_ids:
-            # A plain UPDATE: no signal, so last-used times never invalidate the auth snapshot.
-            ApiKey.objects.filter(id__in=key_ids).update(last_used_at=timezone.now())
 
 
 class _Accountant:

@@ -12,11 +12,11 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from accounts.models import EVERYONE, AccessGroup
-from billing.admin import ReadOnlyAdmin
 from billing.models import PRICE, Tariff, Tier
 from billing.services import set_tariff
+from common.admin import ReadOnlyAdmin
+from gateway.jobs import cancel_job
 from gateway.models import DeployedModel, Endpoint, InferenceRequest, InferenceRequestQuerySet, JobState, RequestLog
-from gateway.services import cancel_job
 from routing_rules.models import TrafficRule
 
 # --- endpoints ------------------------------------------------------------------------------

@@ -16,11 +16,15 @@ import aiohttp
 from django.conf import settings
 
 
-class UpstreamTimeout(Exception):
+class UpstreamError(Exception):
+    """The upstream call failed before the upstream answered in full."""
+
+
+class UpstreamTimeout(UpstreamError):
     """The upstream did not answer in time (→ 504)."""
 
 
-class UpstreamUnreachable(Exception):
+class UpstreamUnreachable(UpstreamError):
     """The upstream could not be reached or dropped the connection (→ 502)."""
 
 

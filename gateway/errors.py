@@ -1,7 +1,11 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, so SDKs raise typed exceptions."""
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, so SDKs raise typed exceptions.
+
+Every message a client or an operator reads about a refused or failed call is written here.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +30,13 @@ ERROR_TYPES = {
 
 
 BALANCE_TOO_LOW_MESSAGE = "Account balance too low. Please add credits to continue."
+UPSTREAM_TIMEOUT_MESSAGE = "The upstream model server did not answer in time."
+UPSTREAM_UNREACHABLE_MESSAGE = "The upstream model server could not be reached."
+STREAM_CUT_MESSAGE = "The stream ended before the response completed."
+DEADLINE_MESSAGE = "The flex request did not finish before its deadline."
+MODEL_RETIRED_MESSAGE = "The model of this request is no longer available."
+GATEWAY_STOPPED_MESSAGE = "The gateway process serving this request stopped before it finished. Please retry."
+CLIENT_GONE_MESSAGE = "The client disconnected."
 
 
 def error_envelope(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -50,6 +61,58 @@ def openai_error(
     for name, value in (headers or {}).items():
         response[name] = value
     return response
+
+
+def missing_api_key() -> HttpResponse:
+    return openai_error(
+        401, "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…'.", code="missing_api_key"
+    )
+
+
+def invalid_api_key() -> HttpResponse:
+    return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def platform_key_refused() -> HttpResponse:
+    return openai_error(403, "Platform keys are for management only and cannot call the API.", code="wrong_key_purpose")
+
+
+def invalid_json() -> HttpResponse:
+    return openai_error(400, "The request body is not valid JSON.", code="invalid_json")
+
+
+def invalid_request(message: str, param: str | None) -> HttpResponse:
+    return openai_error(400, message, param=param, code="invalid_request")
+
+
+def model_not_found(alias: str) -> HttpResponse:
+    return openai_error(
+        404, f"The model '{alias}' does not exist or you do not have access to it.", code="model_not_found"
+    )
+
+
+def rate_limited(message: str, wait: float, code: str = "rate_limit_exceeded") -> HttpResponse:
+    return openai_error(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def key_rate_limited(wait: float) -> HttpResponse:
+    return rate_limited("Rate limit reached for this API key. Please slow down.", wait)
+
+
+def model_rate_limited(alias: str, wait: float) -> HttpResponse:
+    return rate_limited(f"Rate limit reached for '{alias}'. Please slow down.", wait)
+
+
+def model_at_capacity(alias: str) -> HttpResponse:
+    return rate_limited(f"'{alias}' is at capacity. Please retry shortly.", 1.0, "model_at_capacity")
+
+
+def response_not_found(response_id: str) -> HttpResponse:
+    return openai_error(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+
+
+def method_not_allowed(method: str) -> HttpResponse:
+    return openai_error(405, f"Method {method} is not allowed here.")
 
 
 # --- denials: a bare 403 from routing that carries its reason, rendered by enrichment ---------

@@ -16,21 +16,17 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
 
-import orjson
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 from django.http import HttpResponse
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from gateway.call import GatewayCall
 from gateway.db import in_thread
-from gateway.errors import openai_error
-from gateway.models import InferenceRequest, JobState
-from gateway.responses import json_response, response_object
-from gateway.services import cancel_abandoned_job, expire_job, finished_job_ids, submit_flex_job
-
-if TYPE_CHECKING:
-    from gateway.middleware import GatewayCall
+from gateway.jobs import cancel_abandoned_job, expire_job, finished_job_ids
+from gateway.models import InferenceRequest
+from gateway.queue import submit_flex_job
+from gateway.render import job_reply, json_response, response_object
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -188,10 +184,9 @@ _abandoned: set[asyncio.Task[bool]] = set()
 
 async def submit(call: GatewayCall) -> HttpResponse:
     """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
-    assert call.model is not None
-    background = call.endpoint == "responses" and call.body.get("background") is True
+    background = call.path == "responses" and call.body.get("background") is True
     # The model actually served (after a redirect) is the one the worker calls.
-    job = await in_thread(submit_flex_job, **call.job_fields(call.model.alias), background=background)
+    job = await in_thread(submit_flex_job, **call.job_fields(call.served.alias), background=background)
     if background:
         return json_response(response_object(job), 202)
     return await hold(call, job)
@@ -214,98 +209,4 @@ async def hold(call: GatewayCall, job: InferenceRequest) -> HttpResponse:
         job = await in_thread(InferenceRequest.objects.get, pk=job.id)
     else:
         job = await in_thread(expire_job, job.id)
-    return render(call, job)
-
-
-def render(call: GatewayCall, job: InferenceRequest) -> HttpResponse:
-    if job.state == JobState.COMPLETED and isinstance(job.response_body, dict):
-        status = job.response_status or 200
-        if call.endpoint == "responses":
-            payload = response_object(job)
-            return replay_response(payload, status) if call.stream else json_response(payload, status)
-        return replay_chat(job.response_body, status) if call.stream else json_response(job.response_body, status)
-    if job.state == JobState.CANCELED:
-        return openai_error(409, "The request was cancelled before it finished.", code="cancelled")
-    if job.state in (JobState.PENDING, JobState.CLAIMED, JobState.PROCESSING):
-        # Only when expiring lost a race with a worker that is storing the result right now.
-        return openai_error(504, "The flex request did not finish before its deadline.", code="deadline_exceeded")
-    status = job.response_status or 500
-    if isinstance(job.response_body, dict) and "error" in job.response_body:
-        return json_response(job.response_body, status)
-    return openai_error(status, job.error or "The request failed.", code="upstream_error")
-
-
-# --- replaying a finished result as a stream -----------------------------------------------------
-
-
-def sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n".encode() if event else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-def event_stream(body: bytes, status: int) -> HttpResponse:
-    response = HttpResponse(body, status=status, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    return response
-
-
-def replay_chat(completion: dict[str, Any], status: int) -> HttpResponse:
-    """A finished chat.completion as the chunks a streamed call would have sent, usage last."""
-    base = {
-        "id": completion.get("id"),
-        "object": "chat.completion.chunk",
-        "created": completion.get("created"),
-        "model": completion.get("model"),
-    }
-    if completion.get("system_fingerprint") is not None:
-        base["system_fingerprint"] = completion["system_fingerprint"]
-    chunks = []
-    for choice in completion.get("choices") or []:
-        message = dict(choice.get("message") or {})
-        delta: dict[str, Any] = {"role": message.get("role", "assistant"), "content": message.get("content")}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **tool} for i, tool in enumerate(message["tool_calls"])]
-        if message.get("refusal") is not None:
-            delta["refusal"] = message["refusal"]
-        index = choice.get("index", 0)
-        chunks.append(sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}))
-        done = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
-        chunks.append(sse({**base, "choices": [done]}))
-    if completion.get("usage") is not None:
-        chunks.append(sse({**base, "choices": [], "usage": completion["usage"]}))
-    chunks.append(b"data: [DONE]\n\n")
-    return event_stream(b"".join(chunks), status)
-
-
-def replay_response(response: dict[str, Any], status: int) -> HttpResponse:
-    """A finished response object as the Responses API's events, from response.created to response.completed."""
-    events: list[bytes] = []
-
-    def emit(kind: str, **fields: Any) -> None:
-        events.append(sse({"type": kind, "sequence_number": len(events), **fields}, kind))
-
-    started = {**response, "status": "in_progress", "output": [], "usage": None}
-    emit("response.created", response=started)
-    emit("response.in_progress", response=started)
-    for output_index, item in enumerate(response.get("output") or []):
-        if not isinstance(item, dict):
-            continue
-        item_id = item.get("id", "")
-        parts = item.get("content") if item.get("type") == "message" else None
-        emit(
-            "response.output_item.added",
-            output_index=output_index,
-            item={**item, "status": "in_progress", **({"content": []} if parts is not None else {})},
-        )
-        for content_index, part in enumerate(parts or []):
-            place = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
-            if part.get("type") == "output_text":
-                emit("response.content_part.added", **place, part={**part, "text": ""})
-                emit("response.output_text.delta", **place, delta=part.get("text", ""), logprobs=[])
-                emit("response.output_text.done", **place, text=part.get("text", ""), logprobs=[])
-            else:
-                emit("response.content_part.added", **place, part=part)
-            emit("response.content_part.done", **place, part=part)
-        emit("response.output_item.done", output_index=output_index, item=item)
-    emit("response.completed", response=response)
-    return event_stream(b"".join(events), status)
+    return job_reply(job, stream=call.stream)

@@ -3,15 +3,20 @@
 Rates use the `limits` library: in memory by default, in Redis when ``REDIS_URL`` is set so
 every gateway process shares one budget. ``requests_per_second`` with ``burst_size`` B is a
 sliding window of B requests per B/rps seconds: a burst of B at once, rps on average.
-Capacity (concurrent real-time calls per model) is counted per process.
+
+Capacity (concurrent real-time calls per model, counted per process) has one owner:
+``async with capacity(call):`` around an upstream call takes a slot or raises :class:`AtCapacity`,
+and gives the slot back when the block ends, however it ends. Queued (flex) calls take none:
+their claim is their slot, counted in the database against the model's ``flex_concurrency``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import cache
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.http import HttpResponse
@@ -20,10 +25,8 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
-from gateway.errors import openai_error
-
-if TYPE_CHECKING:
-    from gateway.middleware import GatewayCall
+from gateway import errors
+from gateway.call import GatewayCall
 
 _in_flight: dict[int, int] = {}
 
@@ -56,43 +59,42 @@ async def _over(scope: str, identifier: int, requests_per_second: int | None, bu
     return max(stats.reset_time - time.time(), 0.0)
 
 
-def _too_many(message: str, wait: float, code: str) -> HttpResponse:
-    return openai_error(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait)))})
-
-
 async def check_key(call: GatewayCall) -> HttpResponse | None:
     """Count the request against its key's rate, whatever its tier; return the 429 if it is spent."""
     key = call.key
     wait = await _over("key", key.id, key.requests_per_second, key.burst_size)
-    if wait is None:
-        return None
-    return _too_many("Rate limit reached for this API key. Please slow down.", wait, "rate_limit_exceeded")
+    return None if wait is None else errors.key_rate_limited(wait)
 
 
-async def acquire(call: GatewayCall) -> HttpResponse | None:
-    """Take a real-time slot on the model (its rate and its capacity), or return the 429 that refuses it.
-
-    Queued (flex) calls take none: their model's flex_concurrency bounds them in the workers.
-    """
-    model = call.model
-    assert model is not None
+async def check_model(call: GatewayCall) -> HttpResponse | None:
+    """Count a real-time call against its model's rate; return the 429 if it is spent."""
+    model = call.served
     wait = await _over("model", model.id, model.requests_per_second, model.burst_size)
-    if wait is not None:
-        return _too_many(
-            f"Rate limit reached for '{call.requested_alias}'. Please slow down.", wait, "rate_limit_exceeded"
-        )
-    if model.capacity is not None:
-        if _in_flight.get(model.id, 0) >= model.capacity:
-            return _too_many(
-                f"'{call.requested_alias}' is at capacity. Please retry shortly.", 1.0, "model_at_capacity"
-            )
-        _in_flight[model.id] = _in_flight.get(model.id, 0) + 1
-        call.holds_capacity = True
-    return None
+    return None if wait is None else errors.model_rate_limited(call.requested_alias, wait)
 
 
-def release(call: GatewayCall) -> None:
-    """Give back the call's capacity slot, once."""
-    if call.holds_capacity and call.model is not None:
-        call.holds_capacity = False
-        _in_flight[call.model.id] -= 1
+class AtCapacity(Exception):
+    """Every concurrent-call slot of the model is taken (→ 429)."""
+
+    def __init__(self, call: GatewayCall) -> None:
+        super().__init__(call.requested_alias)
+        self.alias = call.requested_alias
+
+    def response(self) -> HttpResponse:
+        return errors.model_at_capacity(self.alias)
+
+
+@asynccontextmanager
+async def capacity(call: GatewayCall) -> AsyncIterator[None]:
+    """Hold one of the model's concurrent-call slots for the block; raise AtCapacity when none is free."""
+    model = call.served
+    if model.capacity is None:
+        yield
+        return
+    if _in_flight.get(model.id, 0) >= model.capacity:
+        raise AtCapacity(call)
+    _in_flight[model.id] = _in_flight.get(model.id, 0) + 1
+    try:
+        yield
+    finally:
+        _in_flight[model.id] -= 1

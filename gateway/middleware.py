@@ -3,74 +3,32 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from gateway import flex, limits
-from gateway.errors import Denial, denied, openai_error, render_denial
-from gateway.routing import (
-    INFERENCE_ENDPOINTS,
+from gateway import errors, flex, limits
+from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
+from gateway.errors import Denial, denied, render_denial
+from gateway.policy import (
+    INFERENCE_PATHS,
     Authorized,
     BadRequest,
-    Route,
     authenticate,
     authorize,
     refuses_inference,
     route_tier,
     validate_body,
 )
-from gateway.snapshot import KeyEntry, ModelEntry, aget_snapshot
+from gateway.snapshot import aget_snapshot
 
 logger = logging.getLogger(__name__)
 API_PREFIX = "/ai/v1/"
-
-
-@dataclass(slots=True)
-class GatewayCall:
-    """What the middleware learned about a request, handed to the view as `request.gateway`."""
-
-    key: KeyEntry
-    endpoint: str
-    body: dict[str, Any] = field(default_factory=dict)
-    model: ModelEntry | None = None
-    requested_alias: str = ""
-    route: Route = Route.REALTIME
-    request_id: str = ""
-    started_at: float = 0.0
-    holds_capacity: bool = False
-
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
-
-    @property
-    def tier(self) -> str:
-        return "flex" if self.route == Route.FLEX else "realtime"
-
-    def job_fields(self, model_alias: str) -> dict[str, Any]:
-        """What a recorded call stores about its request (see gateway.services.create_job)."""
-        return {
-            "job_id": uuid.UUID(self.request_id),
-            "owner_id": self.key.user_id,
-            "api_key_id": self.key.id,
-            "model_alias": model_alias,
-            "path": self.endpoint,
-            "request_body": self.body,
-        }
-
-
-def new_request_id() -> str:
-    # A random UUID without a syscall per request (uuid4 reads os.urandom): ids must be unique,
-    # not secret — a response id is only ever readable by its owner.
-    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+REQUEST_ID_HEADER = "x-request-id"
 
 
 class AsyncMiddleware:
@@ -96,50 +54,55 @@ class ErrorEnrichmentMiddleware(AsyncMiddleware):
         if response.status_code != 403 or not request.path.startswith("/ai/"):
             return response
         denial = getattr(response, "denial", None)
-        return render_denial(denial) if isinstance(denial, Denial) else response
+        if not isinstance(denial, Denial):
+            return response
+        enriched = render_denial(denial)
+        if REQUEST_ID_HEADER in response:
+            enriched[REQUEST_ID_HEADER] = response[REQUEST_ID_HEADER]
+        return enriched
 
 
 class TierRoutingMiddleware(AsyncMiddleware):
     """Parse, authenticate, authorize, rate-limit and route each API request from the auth snapshot."""
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        endpoint = request.path.removeprefix(API_PREFIX)
+        response = await self.route(request)
+        call = getattr(request, "gateway", None)
+        if call is not None:
+            # The id of every call past authentication; a /responses call's id is resp_<the same hex>.
+            response[REQUEST_ID_HEADER] = f"req_{call.request_id}"
+        return response
+
+    async def route(self, request: HttpRequest) -> HttpResponseBase:
+        path = request.path.removeprefix(API_PREFIX)
         snapshot = await aget_snapshot()
-        key = authenticate(snapshot, request.headers.get("Authorization"))
+        authorization = request.headers.get("Authorization")
+        key = authenticate(snapshot, authorization)
         if key is None:
-            if not request.headers.get("Authorization"):
-                return openai_error(
-                    401,
-                    "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…'.",
-                    code="missing_api_key",
-                )
-            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+            return errors.invalid_api_key() if authorization else errors.missing_api_key()
         if refuses_inference(key):
-            return openai_error(
-                403, "Platform keys are for management only and cannot call the API.", code="wrong_key_purpose"
-            )
-        call = GatewayCall(key=key, endpoint=endpoint, request_id=new_request_id(), started_at=time.time())
-        request.gateway = call  # type: ignore[attr-defined]
-        if request.method != "POST" or endpoint not in INFERENCE_ENDPOINTS:
+            return errors.platform_key_refused()
+        call = GatewayCall(key=key, path=path, request_id=new_request_id(), started_at=time.time())
+        gateway_request = cast(GatewayRequest, request)
+        gateway_request.gateway = call
+        if request.method != "POST" or path not in INFERENCE_PATHS:
             return await self.get_response(request)
 
         try:
             body = orjson.loads(request.body)
             alias = validate_body(body)
             call.body = body
-            call.route = route_tier(endpoint, body)
+            call.route = route_tier(path, body)
         except orjson.JSONDecodeError:
-            return openai_error(400, "The request body is not valid JSON.", code="invalid_json")
+            return errors.invalid_json()
         except BadRequest as exc:
-            return openai_error(400, exc.message, param=exc.param, code="invalid_request")
-        if endpoint == "embeddings" and body.get("service_tier") == "flex":
+            return errors.invalid_request(exc.message, exc.param)
+        if path == "embeddings" and body.get("service_tier") == "flex":
             logger.warning("Flex requested on /embeddings: served in real time")
 
         model = snapshot.models.get(alias)
         if model is None:
-            return openai_error(
-                404, f"The model '{alias}' does not exist or you do not have access to it.", code="model_not_found"
-            )
+            return errors.model_not_found(alias)
         decision = authorize(snapshot, key, model, call.tier)
         if isinstance(decision, Denial):
             return denied(decision.reason, decision.model, decision.purpose)
@@ -151,18 +114,5 @@ class TierRoutingMiddleware(AsyncMiddleware):
             return refusal
         if call.route == Route.FLEX:
             return await flex.submit(call)
-        return await self.serve(request, call)
-
-    async def serve(self, request: HttpRequest, call: GatewayCall) -> HttpResponseBase:
-        """Serve in real time, within the model's rate and capacity."""
-        refusal = await limits.acquire(call)
-        if refusal is not None:
-            return refusal
-        try:
-            response = await self.get_response(request)
-        except BaseException:
-            limits.release(call)
-            raise
-        if not response.streaming:
-            limits.release(call)  # a stream releases its capacity when it ends
-        return response
+        # Real time: the view takes a capacity slot around its upstream call (gateway.limits.capacity).
+        return await limits.check_model(call) or await self.get_response(request)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -102,6 +103,15 @@ class InferenceRequestQuerySet(models.QuerySet["InferenceRequest"]):
     def claimable(self, now=None) -> InferenceRequestQuerySet:  # type: ignore[no-untyped-def]
         now = now or timezone.now()
         return self.filter(state=JobState.PENDING, not_before__lte=now).order_by("not_before")
+
+    def finish(self, *, state: str, **outcome: Any) -> int:
+        """Move the jobs that have not finished yet to an end state; returns how many moved.
+
+        A job that finished meanwhile (completed, cancelled, expired) is left as it is, so the
+        caller checks the count: `if jobs.finish(...) != 1: # it got there first`.
+        """
+        now = timezone.now()
+        return self.unfinished().update(state=state, updated_at=now, completed_at=now, **outcome)
 
 
 class InferenceRequest(models.Model):

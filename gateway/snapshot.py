@@ -20,7 +20,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey
-from billing.models import Balance, Tariff, Tier
+from billing.models import Balance, Tariff
+from billing.services import paid_tiers
 from gateway.db import in_thread
 from gateway.models import DeployedModel, SnapshotVersion
 from routing_rules.models import RuleAction, TrafficRule
@@ -107,9 +108,9 @@ def build_snapshot() -> Snapshot:
     for group_id, user_id in AccessGroup.members.through.objects.values_list("accessgroup_id", "user_id"):
         user_groups.setdefault(user_id, set()).add(group_id)
 
-    paid: dict[int, dict[str, bool]] = {}
-    for tariff in Tariff.objects.active_at(now).only("model_id", "tier", "input_price", "output_price"):
-        paid.setdefault(tariff.model_id, {})[tariff.tier] = tariff.input_price > 0 or tariff.output_price > 0
+    tariffs: dict[int, list[Tariff]] = {}
+    for tariff in Tariff.objects.active_at(now):
+        tariffs.setdefault(tariff.model_id, []).append(tariff)
 
     live = {m.id: m for m in DeployedModel.objects.live().select_related("endpoint")}
     rules: dict[int, dict[str, tuple[str, str]]] = {}
@@ -123,10 +124,6 @@ def build_snapshot() -> Snapshot:
     for model in live.values():
         endpoint = model.endpoint
         auth_headers = {endpoint.auth_header: f"{endpoint.auth_prefix}{endpoint.api_key}"} if endpoint.api_key else {}
-        prices = paid.get(model.id, {})
-        paid_tiers = {tier for tier, is_paid in prices.items() if is_paid}
-        if Tier.FLEX not in prices and prices.get(Tier.REALTIME):
-            paid_tiers.add(Tier.FLEX)
         groups = model_groups.get(model.id, set())
         models[model.alias] = ModelEntry(
             id=model.id,
@@ -143,7 +140,7 @@ def build_snapshot() -> Snapshot:
             group_ids=frozenset(groups - {everyone.id}),
             public=everyone.id in groups,
             rules=rules.get(model.id, {}),
-            paid_tiers=frozenset(paid_tiers),
+            paid_tiers=paid_tiers(tariffs.get(model.id, ()), now),
             requests_per_second=model.requests_per_second,
             burst_size=model.burst_size,
             capacity=model.capacity,

@@ -1,120 +1,196 @@
-"""The OpenAI-compatible API. Requests arrive authorized and routed by TierRoutingMiddleware."""
+"""The OpenAI-compatible API. Requests arrive authorized and routed by TierRoutingMiddleware.
+
+Every view that calls a model holds the model's capacity slot for exactly as long as its upstream
+call lasts — a JSON call, a relayed stream, a background call — with ``async with
+limits.capacity(call)``, and reports the call to accounting once it ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
 import time
 import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import wraps
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import clients, limits
+from gateway import clients, errors, limits
 from gateway.accounting import CallRecord, accountant
+from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import in_thread
-from gateway.errors import openai_error
-from gateway.middleware import GatewayCall
-from gateway.models import JobState
-from gateway.proxy import (
+from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, record_response
+from gateway.models import InferenceRequest, JobState
+from gateway.render import json_response, response_object
+from gateway.snapshot import aget_snapshot
+from gateway.upstream import (
     SSEUsage,
     UpstreamResult,
     call_upstream,
+    error_message,
+    failure_of,
+    is_event_stream,
     open_upstream,
     parse_json,
     relay_stream,
-    usage_tokens,
 )
-from gateway.responses import json_response, response_object
-from gateway.routing import Route
-from gateway.services import cancel_job, create_job, find_job, finish_job, record_response
-from gateway.snapshot import aget_snapshot
 
 logger = logging.getLogger(__name__)
-WORKER_NAME = f"gateway:{socket.gethostname()}:{os.getpid()}"
+Tokens = tuple[int | None, int | None]
 # Background calls running in this process, kept so they are not garbage-collected mid-flight.
 _background: dict[uuid.UUID, asyncio.Task[None]] = {}
+# Job records being finished after their stream ended, kept for the same reason.
+_finishing: set[asyncio.Task[Any]] = set()
 
 
-def record_call(call: GatewayCall, status: int, *, tokens=(None, None), ttfb_ms=None, request_id=None) -> None:  # type: ignore[no-untyped-def]
-    assert call.model is not None
+def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None), ttfb_ms: float | None = None) -> None:
+    """Hand a finished call to accounting (priced, charged and logged in the next batch)."""
+    model = call.served
     accountant.add(
         CallRecord(
-            request_id=request_id or call.request_id,
+            request_id=call.request_id,
             user_id=call.key.user_id,
             api_key_id=call.key.id,
-            model_id=call.model.id,
-            model_alias=call.model.alias,
-            path=call.endpoint,
+            model_id=model.id,
+            model_alias=model.alias,
+            path=call.path,
             tier=call.tier,
             status_code=status,
-            started_at=call.started_at,
+            started_at=datetime.fromtimestamp(call.started_at, tz=UTC),
             latency_ms=(time.time() - call.started_at) * 1000,
             ttfb_ms=ttfb_ms,
             input_tokens=tokens[0],
             output_tokens=tokens[1],
+            job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
         )
     )
 
 
-def upstream_failure(exc: Exception) -> HttpResponseBase:
-    if isinstance(exc, clients.UpstreamTimeout):
-        return openai_error(504, "The upstream model server did not answer in time.", code="upstream_timeout")
-    return openai_error(502, "The upstream model server could not be reached.", code="upstream_unreachable")
+def calls_model(
+    view: Callable[[GatewayCall], Awaitable[HttpResponseBase]],
+) -> Callable[[GatewayRequest], Coroutine[Any, Any, HttpResponseBase]]:
+    """A view that calls the model upstream: gets the admitted call; a full model answers 429."""
+
+    @wraps(view)
+    async def serve(request: GatewayRequest) -> HttpResponseBase:
+        try:
+            return await view(request.gateway)
+        except limits.AtCapacity as refusal:
+            return refusal.response()
+
+    return serve
 
 
-def failure_status(exc: Exception) -> int:
-    return 504 if isinstance(exc, clients.UpstreamTimeout) else 502
+async def call_within_capacity(call: GatewayCall) -> UpstreamResult:
+    """One whole upstream call inside a capacity slot. Raises AtCapacity, clients.UpstreamError."""
+    async with limits.capacity(call):
+        return await call_upstream(call.served, call.path, call.body)
+
+
+# --- streams -------------------------------------------------------------------------------------
+
+
+async def upstream_chunks(call: GatewayCall) -> AsyncGenerator[Any]:
+    """Open a streamed upstream call and yield its response, then its body chunk by chunk.
+
+    The capacity slot is held from before the call is sent until this generator is closed: when
+    the relay ends, the client goes away, or the caller gives up after reading the head.
+    """
+    async with limits.capacity(call):
+        response = await open_upstream(call.served, call.path, call.body)
+        try:
+            yield response
+            async for chunk in response.iter_chunks():
+                yield chunk
+        finally:
+            await response.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How a streamed call ended, for whoever records it: status, final JSON body, tokens, error."""
+
+    status: int
+    body: Any = None
+    tokens: Tokens = (None, None)
+    error: str = ""
+
+
+async def stream(
+    call: GatewayCall,
+    *,
+    transform: Callable[[bytes], bytes] | None = None,
+    final: Callable[[SSEUsage], Any] | None = None,
+    on_end: Callable[[StreamEnd], Coroutine[Any, Any, None]] | None = None,
+) -> HttpResponseBase:
+    """Serve a `stream: true` call: relay the upstream's event stream, or pass on what it answered instead.
+
+    `on_end` hears how the call ended, once: awaited before replying when the upstream failed or
+    answered without a stream, run as a task when a relayed stream ends. `final` picks the final
+    body out of a relayed stream.
+    """
+    chunks = upstream_chunks(call)
+    try:
+        head: clients.UpstreamResponse = await anext(chunks)
+        raw = None if is_event_stream(head) else b"".join([chunk async for chunk in chunks])
+    except clients.UpstreamError as exc:
+        await chunks.aclose()
+        failure = failure_of(exc)
+        record_call(call, failure.status)
+        if on_end is not None:
+            await on_end(StreamEnd(failure.status, error=failure.message))
+        return errors.openai_error(failure.status, failure.message, code=failure.code)
+    if raw is not None:
+        await chunks.aclose()
+        result = UpstreamResult.of(head.status, raw, head.content_type)
+        record_call(call, result.status, tokens=result.tokens)
+        if on_end is not None:
+            error = error_message(result) if result.status >= 400 else ""
+            await on_end(StreamEnd(result.status, parse_json(raw), result.tokens, error))
+        return HttpResponse(raw, status=result.status, content_type=result.content_type)
+
+    def ended(status: int, usage: SSEUsage, ttfb_ms: float | None) -> None:
+        record_call(call, status, tokens=usage.tokens(), ttfb_ms=ttfb_ms)
+        if on_end is not None:
+            body = final(usage) if final is not None else None
+            end = StreamEnd(status, body, usage.tokens())
+            if body is None:
+                end = StreamEnd(
+                    status if status >= 400 else 502, tokens=usage.tokens(), error=errors.STREAM_CUT_MESSAGE
+                )
+            task = asyncio.get_running_loop().create_task(on_end(end))
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
+
+    response = StreamingHttpResponse(
+        relay_stream(chunks, head.status, ended, transform), content_type=head.content_type
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
 
 
 # --- chat completions and embeddings -------------------------------------------------------------
 
 
-async def proxy(request: HttpRequest) -> HttpResponseBase:
-    call: GatewayCall = request.gateway  # type: ignore[attr-defined]
-    assert call.model is not None
+@calls_model
+async def proxy(call: GatewayCall) -> HttpResponseBase:
     if call.stream:
-        return await proxy_stream(call)
+        return await stream(call)
     try:
-        result = await call_upstream(call.model, call.endpoint, call.body)
-    except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
-        record_call(call, failure_status(exc))
-        return upstream_failure(exc)
-    record_call(call, result.status, tokens=(result.input_tokens, result.output_tokens), ttfb_ms=result.ttfb_ms)
+        result = await call_within_capacity(call)
+    except clients.UpstreamError as exc:
+        failure = failure_of(exc)
+        record_call(call, failure.status)
+        return errors.openai_error(failure.status, failure.message, code=failure.code)
+    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
     return HttpResponse(result.body, status=result.status, content_type=result.content_type)
-
-
-async def proxy_stream(call: GatewayCall, transform=None, on_end=None) -> HttpResponseBase:  # type: ignore[no-untyped-def]
-    assert call.model is not None
-    try:
-        upstream = await open_upstream(call.model, call.endpoint, call.body)
-    except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
-        record_call(call, failure_status(exc))
-        return upstream_failure(exc)
-    if upstream.status >= 400 or "text/event-stream" not in upstream.content_type:
-        try:
-            raw = await upstream.read()
-        except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
-            record_call(call, failure_status(exc))
-            return upstream_failure(exc)
-        tokens = usage_tokens(parse_json(raw)) if upstream.status < 400 else (None, None)
-        record_call(call, upstream.status, tokens=tokens)
-        return HttpResponse(raw, status=upstream.status, content_type=upstream.content_type)
-
-    def ended(status: int, usage: SSEUsage, ttfb_ms: float | None) -> None:
-        limits.release(call)
-        record_call(call, status, tokens=usage.tokens(), ttfb_ms=ttfb_ms)
-        if on_end is not None:
-            on_end(status, usage)
-
-    response = StreamingHttpResponse(relay_stream(upstream, ended, transform), content_type=upstream.content_type)
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
 
 
 chat_completions = proxy
@@ -124,37 +200,35 @@ embeddings = proxy
 # --- /v1/responses -------------------------------------------------------------------------------
 
 
-def with_id(body: bytes, job_id: uuid.UUID) -> Any:
-    payload = parse_json(body)
+def with_id(payload: Any, job_id: uuid.UUID) -> Any:
     if isinstance(payload, dict):
         payload["id"] = f"resp_{job_id.hex}"
     return payload
 
 
-async def responses(request: HttpRequest) -> HttpResponseBase:
-    call: GatewayCall = request.gateway  # type: ignore[attr-defined]
-    assert call.model is not None
+@calls_model
+async def responses(call: GatewayCall) -> HttpResponseBase:
     job_id = uuid.UUID(call.request_id)
     if call.route == Route.BACKGROUND:
         return await start_background(call, job_id)
     if call.stream:
         return await stream_response(call, job_id)
     try:
-        result = await call_upstream(call.model, call.endpoint, call.body)
-    except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
-        record_call(call, failure_status(exc))
-        return upstream_failure(exc)
-    payload = with_id(result.body, job_id)
+        result = await call_within_capacity(call)
+    except clients.UpstreamError as exc:
+        failure = failure_of(exc)
+        record_call(call, failure.status)
+        return errors.openai_error(failure.status, failure.message, code=failure.code)
+    payload = with_id(parse_json(result.body), job_id)
     # Recorded before the reply, so the id the client receives can be read back at once.
     await in_thread(
         record_response,
         **call.job_fields(call.requested_alias),
         status=result.status,
         body=payload,
-        input_tokens=result.input_tokens,
-        output_tokens=result.output_tokens,
+        tokens=result.tokens,
     )
-    record_call(call, result.status, tokens=(result.input_tokens, result.output_tokens), ttfb_ms=result.ttfb_ms)
+    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
     if payload is None:
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
     return json_response(payload, result.status)
@@ -166,7 +240,7 @@ UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Relay a streamed /responses call, showing the client our id in place of the upstream's."""
     await in_thread(
-        create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=WORKER_NAME
+        create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=GATEWAY_PROCESS
     )
     ours = f"resp_{job_id.hex}".encode()
     seen: list[bytes] = []
@@ -178,91 +252,81 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
                 seen.append(match.group(1))
         return chunk.replace(seen[0], ours) if seen else chunk
 
-    def ended(status: int, usage: SSEUsage) -> None:
-        tokens = usage.tokens()
-        final = None
-        if usage.usage_event is not None:
-            for line in usage.usage_event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    event = parse_json(line[5:].strip())
-                    final = event.get("response") if isinstance(event, dict) else None
-        if isinstance(final, dict):
-            final["id"] = ours.decode()
-        asyncio.get_running_loop().create_task(
-            in_thread(
-                finish_job,
-                job_id,
-                status=status if final else 502,
-                body=final,
-                input_tokens=tokens[0],
-                output_tokens=tokens[1],
-                error="" if final else "The stream ended before the response completed.",
-            )
-        )
+    def final(usage: SSEUsage) -> Any:
+        event = usage.data()
+        return with_id(event.get("response") if isinstance(event, dict) else None, job_id)
 
-    return await proxy_stream(call, transform=transform, on_end=ended)
+    async def finish(end: StreamEnd) -> None:
+        body = with_id(end.body, job_id) if end.status < 400 else end.body
+        await in_thread(finish_job, job_id, status=end.status, body=body, tokens=end.tokens, error=end.error)
+
+    return await stream(call, transform=transform, final=final, on_end=finish)
 
 
 async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
-    """Record the job, reply 202 at once, and make the call without the client."""
-    job = await in_thread(
-        create_job,
-        **call.job_fields(call.requested_alias),
-        background=True,
-        state=JobState.PROCESSING,
-        claimed_by=WORKER_NAME,
-    )
-    task = asyncio.get_running_loop().create_task(run_background(call, job_id))
+    """Take a capacity slot, record the job, reply 202, and make the call without the client."""
+    accepted: asyncio.Future[InferenceRequest] = asyncio.get_running_loop().create_future()
+    task = asyncio.get_running_loop().create_task(run_background(call, job_id, accepted))
     _background[job_id] = task
     task.add_done_callback(lambda _: _background.pop(job_id, None))
-    return json_response(response_object(job), 202)
+    # Shielded: a client that goes away must not cancel the future the call reports to.
+    return json_response(response_object(await asyncio.shield(accepted)), 202)
 
 
-async def run_background(call: GatewayCall, job_id: uuid.UUID) -> None:
-    assert call.model is not None
+async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio.Future[InferenceRequest]) -> None:
+    """The whole background call, inside one capacity slot; `accepted` gets the job, or why there is none."""
     try:
-        result = await call_upstream(call.model, call.endpoint, call.body)
-    except (clients.UpstreamTimeout, clients.UpstreamUnreachable) as exc:
-        result = UpstreamResult(failure_status(exc), b"", "application/json")
-        error = "The upstream model server did not answer in time." if result.status == 504 else "Upstream unreachable."
-    else:
-        error = ""
-    finally:
-        limits.release(call)
-    payload = with_id(result.body, job_id)
-    stored = await in_thread(
-        finish_job,
-        job_id,
-        status=result.status,
-        body=payload,
-        input_tokens=result.input_tokens,
-        output_tokens=result.output_tokens,
-        error=error,
-    )
-    # A job cancelled meanwhile is not charged: its outcome was not stored.
-    record_call(call, result.status, tokens=(result.input_tokens, result.output_tokens) if stored else (None, None))
+        async with limits.capacity(call):
+            accepted.set_result(
+                await in_thread(
+                    create_job,
+                    **call.job_fields(call.requested_alias),
+                    background=True,
+                    state=JobState.PROCESSING,
+                    claimed_by=GATEWAY_PROCESS,
+                )
+            )
+            try:
+                result = await call_upstream(call.served, call.path, call.body)
+                error = error_message(result) if result.status >= 400 else ""
+            except clients.UpstreamError as exc:
+                failure = failure_of(exc)
+                result, error = UpstreamResult(failure.status, b"", "application/json"), failure.message
+            stored = await in_thread(
+                finish_job,
+                job_id,
+                status=result.status,
+                body=with_id(parse_json(result.body), job_id),
+                tokens=result.tokens,
+                error=error,
+            )
+            # A job cancelled meanwhile is not charged: its outcome was not stored.
+            record_call(call, result.status, tokens=result.tokens if stored else (None, None))
+    except Exception as exc:
+        if accepted.done():
+            logger.exception("Background call %s failed", job_id)
+        else:
+            accepted.set_exception(exc)
 
 
 # --- reading, cancelling, listing ----------------------------------------------------------------
 
 
-async def response_detail(request: HttpRequest, response_id: str) -> HttpResponseBase:
-    call: GatewayCall = request.gateway  # type: ignore[attr-defined]
+async def response_detail(request: GatewayRequest, response_id: str) -> HttpResponseBase:
     if request.method != "GET":
-        return openai_error(405, f"Method {request.method} is not allowed here.")
-    job = await in_thread(find_job, response_id, call.key.user_id)
+        return errors.method_not_allowed(request.method or "")
+    job = await in_thread(find_job, response_id, request.gateway.key.user_id)
     if job is None:
-        return openai_error(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+        return errors.response_not_found(response_id)
     return json_response(response_object(job))
 
 
-async def response_cancel(request: HttpRequest, response_id: str) -> HttpResponseBase:
-    call: GatewayCall = request.gateway  # type: ignore[attr-defined]
+async def response_cancel(request: GatewayRequest, response_id: str) -> HttpResponseBase:
     if request.method != "POST":
-        return openai_error(405, f"Method {request.method} is not allowed here.")
-    job = await in_thread(find_job, response_id, call.key.user_id)
+        return errors.method_not_allowed(request.method or "")
+    job = await in_thread(find_job, response_id, request.gateway.key.user_id)
     if job is None:
-        return openai_error(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+        return errors.response_not_found(response_id)
     job = await in_thread(cancel_job, job)
     running = _background.get(job.id)
     if running is not None and job.state == JobState.CANCELED:
@@ -270,14 +334,14 @@ async def response_cancel(request: HttpRequest, response_id: str) -> HttpRespons
     return json_response(response_object(job))
 
 
-async def models(request: HttpRequest) -> HttpResponseBase:
-    call: GatewayCall = request.gateway  # type: ignore[attr-defined]
+async def models(request: GatewayRequest) -> HttpResponseBase:
     if request.method != "GET":
-        return openai_error(405, f"Method {request.method} is not allowed here.")
+        return errors.method_not_allowed(request.method or "")
     snapshot = await aget_snapshot()
+    user_id = request.gateway.key.user_id
     data = [
         {"id": model.alias, "object": "model", "created": model.created, "owned_by": "dwctl"}
         for model in sorted(snapshot.models.values(), key=lambda m: m.alias)
-        if snapshot.can_access(call.key.user_id, model)
+        if snapshot.can_access(user_id, model)
     ]
     return json_response({"object": "list", "data": data})

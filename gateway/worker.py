@@ -24,22 +24,16 @@ import uuid
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django_q.conf import Conf
 
 from gateway import clients
 from gateway.db import in_thread
-from gateway.errors import error_envelope
+from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
 from gateway.models import InferenceRequest
-from gateway.proxy import call_upstream, parse_json
-from gateway.services import (
-    Outcome,
-    claim_jobs,
-    release_jobs,
-    settle_jobs,
-    start_jobs,
-    sweep_jobs,
-)
+from gateway.queue import Outcome, claim_jobs, release_jobs, settle_jobs, start_jobs, sweep_jobs
 from gateway.snapshot import ModelEntry, Snapshot, get_snapshot
+from gateway.upstream import call_upstream, error_message, failure_of, parse_json
 
 logger = logging.getLogger(__name__)
 # Fields of the client's request that only the gateway reads: the worker's call is a plain one.
@@ -59,8 +53,8 @@ def worker_name() -> str:
 
 
 def task_timeout() -> float:
-    timeout = settings.Q_CLUSTER.get("timeout")
-    return float(timeout) if isinstance(timeout, int | float) else 120.0
+    """django-q2's task time limit, as django-q2 itself read it."""
+    return float(Conf.TIMEOUT or 120)
 
 
 @dataclass
@@ -166,7 +160,7 @@ class Runner:
         assert self.snapshot is not None
         model = self.snapshot.models.get(job.model_alias)
         if model is None:
-            await self.settle(job, None, 404, None, "The model of this request is no longer available.")
+            await self.settle(job, None, 404, None, MODEL_RETIRED_MESSAGE)
             return
         body = {name: value for name, value in job.request_body.items() if name not in QUEUE_ONLY_FIELDS}
         # Never past the job's deadline; the hard stop cancels the call itself (see give_back).
@@ -175,28 +169,27 @@ class Runner:
         try:
             async with asyncio.timeout(max(remaining, 0.001)):
                 result = await call_upstream(model, job.path, body)
-        except clients.UpstreamTimeout:
-            await self.settle(job, model, 504, None, "The upstream model server did not answer in time.", started)
-            return
-        except clients.UpstreamUnreachable as exc:
-            await self.settle(job, model, 502, None, f"The upstream model server could not be reached: {exc}", started)
+        except clients.UpstreamError as exc:
+            failure = failure_of(exc)
+            await self.settle(job, model, failure.status, None, failure.message, started)
             return
         except TimeoutError:
-            await self.settle(job, model, 504, None, "The flex request did not finish before its deadline.", started)
+            await self.settle(job, model, 504, None, DEADLINE_MESSAGE, started)
             return
         payload = parse_json(result.body)
-        if job.path == "responses" and isinstance(payload, dict) and result.status < 400:
-            payload["id"] = job.public_id
-        error = ""
         if result.status >= 400:
-            upstream_error = payload.get("error") if isinstance(payload, dict) else None
-            message = upstream_error.get("message") if isinstance(upstream_error, dict) else None
-            error = message or result.body[:500].decode(errors="replace") or f"Upstream status {result.status}"
-            if not isinstance(payload, dict):
-                payload = None
-        await self.settle(
-            job, model, result.status, payload, error, started, tokens=(result.input_tokens, result.output_tokens)
-        )
+            await self.settle(
+                job,
+                model,
+                result.status,
+                payload if isinstance(payload, dict) else None,
+                error_message(result),
+                started,
+            )
+            return
+        if job.path == "responses" and isinstance(payload, dict):
+            payload["id"] = job.public_id
+        await self.settle(job, model, result.status, payload, "", started, tokens=result.tokens)
 
     async def settle(
         self,
@@ -253,10 +246,11 @@ def claim_and_start(
     jobs = claim_jobs(worker, limit=limit, max_call_seconds=time_left)
     if not jobs:
         return [], [], snapshot
-    model_ids = {
-        job.id: (snapshot.models[job.model_alias].id if job.model_alias in snapshot.models else None) for job in jobs
+    models = snapshot.models
+    paid = {
+        job.id: job.model_alias in models and job.service_tier in models[job.model_alias].paid_tiers for job in jobs
     }
-    runnable = set(start_jobs(worker, model_ids))
+    runnable = set(start_jobs(worker, paid))
     refused = [job.id for job in jobs if job.id not in runnable]
     return [job for job in jobs if job.id in runnable], refused, snapshot
 

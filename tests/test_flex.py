@@ -18,12 +18,12 @@ import pytest
 from django.conf import settings
 from django.db import close_old_connections
 
-from accounts.services import create_user
 from billing.models import CreditTransaction
-from billing.services import remove_credits
+from billing.services import create_user, remove_credits
 from gateway import flex
+from gateway.jobs import create_job
 from gateway.models import DeployedModel, InferenceRequest, JobState, RequestLog
-from gateway.services import claim_jobs, create_job, sweep_jobs
+from gateway.queue import claim_jobs, sweep_jobs
 from gateway.worker import run_flex_jobs
 from routing_rules.services import add_traffic_rule
 from tests.conftest import FLEX_IN, FLEX_OUT, balance_of, live_database_url, wait_for

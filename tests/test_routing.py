@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.call import Route
 from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial, modality_label
-from gateway.routing import BadRequest, Route, authorize, route_tier, validate_body
+from gateway.policy import BadRequest, authorize, route_tier, validate_body
 from gateway.snapshot import EndpointEntry, KeyEntry, ModelEntry, Snapshot
 
 ENDPOINT = EndpointEntry(id=1, base_url="http://up/v1", auth_headers={}, timeout_seconds=5, connect_timeout_seconds=1)

@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from accounts.models import Purpose
 from accounts.services import create_api_key
-from dwctl_site.cli import errors_as_command_errors, get_user
+from common.commands import errors_as_command_errors, get_user
 
 
 class Command(BaseCommand):

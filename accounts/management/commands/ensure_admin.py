@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from accounts.models import User
 from accounts.services import create_user
-from dwctl_site.cli import errors_as_command_errors
+from common.commands import errors_as_command_errors
 
 
 class Command(BaseCommand):

@@ -4,7 +4,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from dwctl_site.cli import balance_of, get_user, plain_decimal
+from billing.models import Balance
+from common.commands import get_user
+from common.numbers import plain_decimal
 
 
 class Command(BaseCommand):
@@ -15,4 +17,4 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         user = get_user(options["username"])
-        self.stdout.write(plain_decimal(balance_of(user)))
+        self.stdout.write(plain_decimal(Balance.objects.amount_of(user)))

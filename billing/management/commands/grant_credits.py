@@ -4,8 +4,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from billing.models import Balance
 from billing.services import grant_credits, parse_amount
-from dwctl_site.cli import balance_of, errors_as_command_errors, get_user, plain_decimal
+from common.commands import errors_as_command_errors, get_user
+from common.numbers import plain_decimal
 
 
 class Command(BaseCommand):
@@ -22,4 +24,4 @@ class Command(BaseCommand):
             amount = parse_amount(options["amount"])
             grant_credits(user, amount, description=options["description"])
         self.stdout.write(f"Granted {plain_decimal(amount)} credits to '{user.username}'; balance is now:")
-        self.stdout.write(plain_decimal(balance_of(user)))
+        self.stdout.write(plain_decimal(Balance.objects.amount_of(user)))

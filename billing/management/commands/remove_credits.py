@@ -4,8 +4,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from billing.models import Balance
 from billing.services import parse_amount, remove_credits
-from dwctl_site.cli import balance_of, errors_as_command_errors, get_user, plain_decimal
+from common.commands import errors_as_command_errors, get_user
+from common.numbers import plain_decimal
 
 
 class Command(BaseCommand):
@@ -22,4 +24,4 @@ class Command(BaseCommand):
             amount = parse_amount(options["amount"])
             remove_credits(user, amount, description=options["description"])
         self.stdout.write(f"Removed {plain_decimal(amount)} credits from '{user.username}'; balance is now:")
-        self.stdout.write(plain_decimal(balance_of(user)))
+        self.stdout.write(plain_decimal(Balance.objects.amount_of(user)))

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import URLValidator
 
-from dwctl_site.cli import errors_as_command_errors
+from common.commands import errors_as_command_errors
 from gateway.services import add_endpoint
 
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from dwctl_site.cli import errors_as_command_errors, get_endpoint
-from gateway.models import ModelKind
+from common.commands import errors_as_command_errors
+from gateway.models import Endpoint, ModelKind
 from gateway.services import add_model
 
 
@@ -42,3 +42,11 @@ class Command(BaseCommand):
                 groups=options["groups"],
             )
         self.stdout.write(f"Created model '{model.alias}' ({model.kind}) → {model.upstream_model} on '{endpoint.name}'")
+
+
+def get_endpoint(name: str) -> Endpoint:
+    try:
+        return Endpoint.objects.get(name=name)
+    except Endpoint.DoesNotExist:
+        known = ", ".join(Endpoint.objects.values_list("name", flat=True)) or "none yet; add one with add_endpoint"
+        raise CommandError(f"Endpoint '{name}' does not exist (known endpoints: {known}).") from None

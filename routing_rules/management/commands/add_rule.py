@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from dwctl_site.cli import errors_as_command_errors, get_model
+from common.commands import errors_as_command_errors, get_model
 from routing_rules.services import add_traffic_rule
 
 

@@ -1,4 +1,4 @@
-"""Pure decisions of the request path: request validation, authorization, tier routing.
+"""Pure decisions of the request path: request validation, authentication, authorization, tier routing.
 
 Nothing here touches the database or the network; every function reads the request and the
 auth snapshot and returns a decision, so each rule is unit-tested on its own.
@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from accounts.models import Purpose
 from accounts.services import hash_secret
+from gateway.call import Route
 from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial
 from gateway.snapshot import KeyEntry, ModelEntry, Snapshot
 from routing_rules.models import RuleAction
 
 REALTIME_TIERS = frozenset({"auto", "default", "priority", "scale"})
-# Endpoints (relative to /ai/v1/) that proxy a model call, and those that may be queued.
-INFERENCE_ENDPOINTS = frozenset({"chat/completions", "embeddings", "responses"})
-FLEX_ENDPOINTS = frozenset({"chat/completions", "responses"})
-
-
-class Route(StrEnum):
-    REALTIME = "realtime"
-    BACKGROUND = "background"  # realtime call run without the client: /responses with background: true
-    FLEX = "flex"
+# API paths (below /ai/v1/) that call a model, and those that may be queued.
+INFERENCE_PATHS = frozenset({"chat/completions", "embeddings", "responses"})
+FLEX_PATHS = frozenset({"chat/completions", "responses"})
 
 
 class BadRequest(Exception):
@@ -59,11 +53,11 @@ def validate_body(body: Any) -> str:
     return model
 
 
-def route_tier(endpoint: str, body: dict[str, Any]) -> Route:
+def route_tier(path: str, body: dict[str, Any]) -> Route:
     """Decide how a validated request is served: now, now without the client, or queued."""
-    if body.get("service_tier") == "flex" and endpoint in FLEX_ENDPOINTS:
+    if body.get("service_tier") == "flex" and path in FLEX_PATHS:
         return Route.FLEX
-    if endpoint == "responses" and body.get("background") is True:
+    if path == "responses" and body.get("background") is True:
         return Route.BACKGROUND
     return Route.REALTIME
 

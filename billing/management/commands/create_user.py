@@ -4,9 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from accounts.services import create_user
-from billing.services import parse_amount
-from dwctl_site.cli import errors_as_command_errors
+from billing.services import create_user, parse_amount
+from common.commands import errors_as_command_errors
 
 
 class Command(BaseCommand):

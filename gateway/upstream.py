@@ -1,33 +1,35 @@
-"""The proxy core shared by real-time views and flex workers: one upstream call, and its usage."""
+"""Calling the upstream, shared by real-time views and flex workers: build, send, relay, usage, failures."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway import clients
+from gateway.errors import UPSTREAM_TIMEOUT_MESSAGE, UPSTREAM_UNREACHABLE_MESSAGE
 from gateway.snapshot import ModelEntry
 
 # Fields the gateway answers itself; the upstream call is always a plain synchronous one.
 GATEWAY_FIELDS = ("service_tier", "background")
 
 
-def upstream_request(model: ModelEntry, endpoint: str, body: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+def upstream_request(model: ModelEntry, path: str, body: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     """Return url, body and headers for the upstream: its model name, its credential, usage on streams."""
     forwarded = {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}
     forwarded["model"] = model.upstream_model
-    if endpoint == "chat/completions" and forwarded.get("stream") is True:
+    if path == "chat/completions" and forwarded.get("stream") is True:
         forwarded["stream_options"] = {**(forwarded.get("stream_options") or {}), "include_usage": True}
     headers = {"Content-Type": "application/json", **model.endpoint.auth_headers}
-    return f"{model.endpoint.base_url}/{endpoint}", orjson.dumps(forwarded), headers
+    return f"{model.endpoint.base_url}/{path}", orjson.dumps(forwarded), headers
 
 
-async def open_upstream(model: ModelEntry, endpoint: str, body: dict[str, Any]) -> clients.UpstreamResponse:
-    url, payload, headers = upstream_request(model, endpoint, body)
+async def open_upstream(model: ModelEntry, path: str, body: dict[str, Any]) -> clients.UpstreamResponse:
+    """Send the call; the caller reads (or streams) and closes the response. Raises clients.UpstreamError."""
+    url, payload, headers = upstream_request(model, path, body)
     return await clients.send(
         url,
         payload,
@@ -35,6 +37,10 @@ async def open_upstream(model: ModelEntry, endpoint: str, body: dict[str, Any]) 
         timeout=model.endpoint.timeout_seconds,
         connect_timeout=model.endpoint.connect_timeout_seconds,
     )
+
+
+def is_event_stream(response: clients.UpstreamResponse) -> bool:
+    return response.status < 400 and "text/event-stream" in response.content_type
 
 
 def usage_tokens(payload: Any) -> tuple[int | None, int | None]:
@@ -62,6 +68,8 @@ def parse_json(raw: bytes) -> Any:
 
 @dataclass(slots=True)
 class UpstreamResult:
+    """A whole upstream answer: its status, body and, for a success, the usage it reports."""
+
     status: int
     body: bytes
     content_type: str
@@ -69,17 +77,52 @@ class UpstreamResult:
     output_tokens: int | None = None
     ttfb_ms: float | None = None
 
+    @classmethod
+    def of(cls, status: int, body: bytes, content_type: str, ttfb_ms: float | None = None) -> UpstreamResult:
+        result = cls(status, body, content_type, ttfb_ms=ttfb_ms)
+        if status < 400:
+            result.input_tokens, result.output_tokens = usage_tokens(parse_json(body))
+        return result
 
-async def call_upstream(model: ModelEntry, endpoint: str, body: dict[str, Any]) -> UpstreamResult:
-    """Make one non-streaming upstream call. Raises clients.UpstreamTimeout / UpstreamUnreachable."""
+    @property
+    def tokens(self) -> tuple[int | None, int | None]:
+        return self.input_tokens, self.output_tokens
+
+
+async def call_upstream(model: ModelEntry, path: str, body: dict[str, Any]) -> UpstreamResult:
+    """Make one non-streaming upstream call. Raises clients.UpstreamError."""
     started = time.perf_counter()
-    upstream = await open_upstream(model, endpoint, body)
+    response = await open_upstream(model, path, body)
     ttfb_ms = (time.perf_counter() - started) * 1000
-    raw = await upstream.read()
-    result = UpstreamResult(upstream.status, raw, upstream.content_type, ttfb_ms=ttfb_ms)
-    if upstream.status < 400:
-        result.input_tokens, result.output_tokens = usage_tokens(parse_json(raw))
-    return result
+    raw = await response.read()
+    return UpstreamResult.of(response.status, raw, response.content_type, ttfb_ms)
+
+
+# --- failures: the one mapping from a failed call to what the client and the record say -----------
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    status: int
+    message: str
+    code: str
+
+
+def failure_of(exc: clients.UpstreamError) -> Failure:
+    if isinstance(exc, clients.UpstreamTimeout):
+        return Failure(504, UPSTREAM_TIMEOUT_MESSAGE, "upstream_timeout")
+    return Failure(502, UPSTREAM_UNREACHABLE_MESSAGE, "upstream_unreachable")
+
+
+def error_message(result: UpstreamResult) -> str:
+    """What an upstream's error answer says, for the record of the call it failed."""
+    payload = parse_json(result.body)
+    upstream_error = payload.get("error") if isinstance(payload, dict) else None
+    message = upstream_error.get("message") if isinstance(upstream_error, dict) else None
+    return message or result.body[:500].decode(errors="replace") or f"Upstream status {result.status}"
+
+
+# --- streams -------------------------------------------------------------------------------------
 
 
 class SSEUsage:
@@ -100,17 +143,22 @@ class SSEUsage:
             if b'"usage"' in event:
                 self.usage_event = event
 
-    def tokens(self) -> tuple[int | None, int | None]:
+    def data(self) -> Any:
+        """The JSON data of the last event that carried usage, if any."""
         if self.usage_event is None:
-            return None, None
+            return None
         for line in self.usage_event.split(b"\n"):
             if line.startswith(b"data:"):
-                return usage_tokens(parse_json(line[5:].strip()))
-        return None, None
+                return parse_json(line[5:].strip())
+        return None
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        return usage_tokens(self.data())
 
 
 async def relay_stream(
-    upstream: clients.UpstreamResponse,
+    chunks: AsyncGenerator[bytes],
+    status: int,
     on_end: Callable[[int, SSEUsage, float | None], None],
     transform: Callable[[bytes], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
@@ -118,17 +166,14 @@ async def relay_stream(
     started = time.perf_counter()
     watcher = SSEUsage()
     ttfb_ms = None
-    status = upstream.status
     try:
-        async for chunk in upstream.iter_chunks():
+        async for chunk in chunks:
             if ttfb_ms is None:
                 ttfb_ms = (time.perf_counter() - started) * 1000
             watcher.feed(chunk)
             yield transform(chunk) if transform else chunk
-    except clients.UpstreamTimeout:
-        status = 504
-    except clients.UpstreamUnreachable:
-        status = 502
+    except clients.UpstreamError as exc:
+        status = failure_of(exc).status
     finally:
-        await upstream.close()
+        await chunks.aclose()
         on_end(status, watcher, ttfb_ms)

@@ -1,0 +1,1 @@
+"""Plain helpers the apps share: no models, no imports from the apps."""

@@ -1,0 +1,156 @@
+"""Records of calls that must be remembered: every /v1/responses call and every queued job.
+
+A record is created once and finished once: :meth:`InferenceRequestQuerySet.finish` moves only
+unfinished rows, so whichever of the call's end, a cancel, an expiry or a sweep comes first wins.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from billing.models import Tier
+from gateway.errors import CLIENT_GONE_MESSAGE, DEADLINE_MESSAGE, error_envelope
+from gateway.models import UNFINISHED_STATES, InferenceRequest, JobState
+
+# Who holds a real-time call's record while this gateway process serves it: host and pid, so the
+# sweep can tell a record whose process died (and fail it: nobody else can finish the call).
+GATEWAY_CLAIM_PREFIX = "gateway:"
+GATEWAY_PROCESS = f"{GATEWAY_CLAIM_PREFIX}{socket.gethostname()}:{os.getpid()}"
+
+
+def create_job(
+    *,
+    job_id: uuid.UUID,
+    owner_id: int,
+    api_key_id: int | None,
+    model_alias: str,
+    path: str,
+    request_body: dict[str, Any],
+    service_tier: str = Tier.REALTIME,
+    background: bool = False,
+    state: str = JobState.PENDING,
+    claimed_by: str = "",
+    deadline_seconds: int | None = None,
+    **outcome: Any,
+) -> InferenceRequest:
+    """Record a request that must be remembered: a queued job, a background call, a /responses call.
+
+    `outcome` sets further fields at once (response_status, response_body, …) for a finished call.
+    """
+    now = timezone.now()
+    return InferenceRequest.objects.create(
+        id=job_id,
+        owner_id=owner_id,
+        api_key_id=api_key_id,
+        model_alias=model_alias,
+        path=path,
+        request_body=request_body,
+        service_tier=service_tier,
+        background=background,
+        state=state,
+        claimed_by=claimed_by,
+        claimed_at=now if claimed_by else None,
+        deadline=now + timedelta(seconds=deadline_seconds) if deadline_seconds else None,
+        created_at=now,
+        updated_at=now,
+        **outcome,
+    )
+
+
+def outcome_fields(
+    status: int, body: Any, *, tokens: tuple[int | None, int | None] = (None, None), error: str = ""
+) -> dict[str, Any]:
+    """The stored fields of a call's outcome: its state, status, body, tokens and error."""
+    return {
+        "state": JobState.COMPLETED if status < 400 else JobState.FAILED,
+        "response_status": status,
+        "response_body": body,
+        "input_tokens": tokens[0],
+        "output_tokens": tokens[1],
+        "error": error[:2000],
+    }
+
+
+def failure_fields(status: int, message: str, code: str) -> dict[str, Any]:
+    """The stored fields of a call the gateway failed itself, with an OpenAI error body."""
+    return {
+        "state": JobState.FAILED,
+        "response_status": status,
+        "response_body": error_envelope(status, message, code=code),
+        "error": message,
+    }
+
+
+def record_response(
+    *, status: int, body: Any, tokens: tuple[int | None, int | None], **fields: Any
+) -> InferenceRequest:
+    """Record a finished real-time /responses call in one write, so GET finds it at once."""
+    return create_job(**fields, **outcome_fields(status, body, tokens=tokens), completed_at=timezone.now())
+
+
+def finish_job(
+    job_id: uuid.UUID,
+    *,
+    status: int,
+    body: Any,
+    tokens: tuple[int | None, int | None] = (None, None),
+    error: str = "",
+) -> bool:
+    """Store a job's outcome unless it already finished (e.g. was cancelled). Returns whether it was stored."""
+    outcome = outcome_fields(status, body, tokens=tokens, error=error)
+    return InferenceRequest.objects.filter(pk=job_id).finish(**outcome) == 1
+
+
+def fail_jobs(job_ids: Iterable[uuid.UUID], *, status: int, message: str, code: str) -> list[uuid.UUID]:
+    """Fail unfinished jobs with an OpenAI error; returns the ids actually failed."""
+    outcome = failure_fields(status, message, code)
+    return [job_id for job_id in job_ids if InferenceRequest.objects.filter(pk=job_id).finish(**outcome)]
+
+
+def cancel_job(job: InferenceRequest) -> InferenceRequest:
+    """Cancel a job that has not finished; a finished job is returned unchanged. Idempotent."""
+    InferenceRequest.objects.filter(pk=job.pk).finish(state=JobState.CANCELED)
+    job.refresh_from_db()
+    return job
+
+
+def cancel_abandoned_job(job_id: uuid.UUID) -> bool:
+    """Cancel a blocking flex job whose client went away: nobody can read its result any more."""
+    jobs = InferenceRequest.objects.filter(pk=job_id, background=False)
+    return jobs.finish(state=JobState.CANCELED, error=CLIENT_GONE_MESSAGE) == 1
+
+
+def expire_job(job_id: uuid.UUID) -> InferenceRequest:
+    """Fail a job whose deadline has passed (a no-op if it finished meanwhile); return it as it now is."""
+    expired = InferenceRequest.objects.filter(pk=job_id, deadline__lte=timezone.now())
+    expired.finish(**failure_fields(504, DEADLINE_MESSAGE, "deadline_exceeded"))
+    return InferenceRequest.objects.get(pk=job_id)
+
+
+def find_job(public_id: str, owner_id: int) -> InferenceRequest | None:
+    """The owner's job for a `resp_<hex>` id; None for a bad id or someone else's job."""
+    try:
+        job_id = uuid.UUID(public_id.removeprefix("resp_"))
+    except ValueError:
+        return None
+    return InferenceRequest.objects.filter(pk=job_id, owner_id=owner_id).first()
+
+
+def finished_job_ids(job_ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
+    """Which of these jobs have finished (any end state)."""
+    ids = list(job_ids)
+    finished: list[uuid.UUID] = []
+    for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+        finished.extend(
+            InferenceRequest.objects.filter(pk__in=ids[start : start + 500])
+            .exclude(state__in=UNFINISHED_STATES)
+            .values_list("id", flat=True)
+        )
+    return finished

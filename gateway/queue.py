@@ -1,0 +1,316 @@
+"""The flex queue: submit, claim, start, settle, release, sweep.
+
+A job moves pending → claimed (by one worker, atomically) → processing (balance re-checked, one
+upstream attempt) → completed | failed | back to pending for a retry. Every write after the claim
+is conditional on the job still being held by the same worker and unfinished, so a job that was
+cancelled, expired or handed to another worker is never overwritten and never charged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from billing.models import Balance, Tier
+from gateway.accounting import CallRecord, account
+from gateway.errors import (
+    BALANCE_TOO_LOW_MESSAGE,
+    DEADLINE_MESSAGE,
+    GATEWAY_STOPPED_MESSAGE,
+    MODEL_RETIRED_MESSAGE,
+)
+from gateway.jobs import GATEWAY_CLAIM_PREFIX, create_job, fail_jobs, failure_fields, outcome_fields
+from gateway.models import DeployedModel, InferenceRequest, JobState
+
+logger = logging.getLogger(__name__)
+RETRYABLE_STATUSES = frozenset({408, 429})
+RETRY_FIRST_SECONDS = 1
+RETRY_MAX_SECONDS = 10
+# How long past its endpoint's timeout a claimed job may stay unfinished before the sweep takes it back.
+STUCK_MARGIN_SECONDS = 60
+
+
+def _enqueue_dispatch() -> None:
+    from django_q.tasks import async_task
+
+    try:
+        async_task("gateway.tasks.run_flex_jobs", q_options={"task_name": "flex dispatch"})
+    except Exception:
+        # The job is committed: the periodic drain runs it even if this hand-off is lost.
+        logger.exception("Could not enqueue a flex dispatch; the periodic drain will pick the job up")
+
+
+def submit_flex_job(*, background: bool = False, **fields: Any) -> InferenceRequest:
+    """Queue a flex request (`fields` as for create_job) with its deadline; hand it to the workers once committed."""
+    with transaction.atomic():
+        job = create_job(
+            **fields, service_tier=Tier.FLEX, background=background, deadline_seconds=settings.GATEWAY_FLEX_WINDOW
+        )
+        transaction.on_commit(_enqueue_dispatch)
+    return job
+
+
+def claim_jobs(
+    worker: str, *, limit: int, max_call_seconds: float | None = None, now: datetime | None = None
+) -> list[InferenceRequest]:
+    """Claim up to `limit` due flex jobs for `worker`, keeping each model within its flex_concurrency.
+
+    With `max_call_seconds`, only jobs whose endpoint timeout fits in that time are claimed.
+    """
+    now = now or timezone.now()
+    if limit <= 0:
+        return []
+    due = (
+        InferenceRequest.objects.claimable(now)
+        .filter(service_tier=Tier.FLEX)
+        .filter(Q(deadline__isnull=True) | Q(deadline__gt=now))
+    )
+    skip_locked = connection.features.has_select_for_update_skip_locked
+    claimed: list[uuid.UUID] = []
+    # Read before the transaction: an idle poll must not take SQLite's write lock.
+    aliases = sorted(due.order_by().values_list("model_alias", flat=True).distinct())
+    if not aliases:
+        return []
+    with transaction.atomic():
+        # One claimer per model at a time (a row lock on PostgreSQL; SQLite serialises writers anyway),
+        # so two workers never both see room under the same cap.
+        models = DeployedModel.objects.live().select_for_update(of=("self",)).filter(alias__in=aliases)
+        if max_call_seconds is not None:
+            models = models.filter(endpoint__timeout_seconds__lte=max_call_seconds)
+        caps = dict(models.order_by("pk").values_list("alias", "flex_concurrency"))
+        busy = dict(
+            InferenceRequest.objects.filter(
+                service_tier=Tier.FLEX, state__in=(JobState.CLAIMED, JobState.PROCESSING), model_alias__in=aliases
+            )
+            .values_list("model_alias")
+            .annotate(n=Count("id"))
+            .values_list("model_alias", "n")
+        )
+        for alias in aliases:
+            if alias not in caps:
+                continue  # a retired model (the sweep fails its jobs), or its calls may outlast this runner
+            room = min(caps[alias] - busy.get(alias, 0), limit - len(claimed))
+            if room <= 0:
+                continue
+            candidates = due.filter(model_alias=alias)
+            if skip_locked:
+                candidates = candidates.select_for_update(skip_locked=True)
+            ids = list(candidates.values_list("id", flat=True)[:room])
+            if ids and InferenceRequest.objects.filter(pk__in=ids, state=JobState.PENDING).update(
+                state=JobState.CLAIMED, claimed_by=worker, claimed_at=now, updated_at=now
+            ):
+                claimed.extend(ids)
+    if not claimed:
+        return []
+    return list(InferenceRequest.objects.filter(pk__in=claimed, claimed_by=worker, state=JobState.CLAIMED))
+
+
+def start_jobs(worker: str, paid: dict[uuid.UUID, bool]) -> list[uuid.UUID]:
+    """Move claimed jobs (id → whether its model is paid at its tier) to processing; fail, uncalled,
+    the paid ones whose owner ran out of credits. Returns the ids that may now call the upstream.
+    """
+    rows = dict(
+        InferenceRequest.objects.filter(pk__in=list(paid), claimed_by=worker, state=JobState.CLAIMED).values_list(
+            "id", "owner_id"
+        )
+    )
+    funded = set(Balance.objects.filter(user_id__in=set(rows.values()), amount__gt=0).values_list("user_id", flat=True))
+    broke = [job_id for job_id, owner_id in rows.items() if paid[job_id] and owner_id not in funded]
+    runnable = [job_id for job_id in rows if job_id not in broke]
+    with transaction.atomic():
+        held = InferenceRequest.objects.filter(claimed_by=worker, state=JobState.CLAIMED)
+        if broke:
+            held.filter(pk__in=broke).finish(**failure_fields(402, BALANCE_TOO_LOW_MESSAGE, "insufficient_credits"))
+        if runnable:
+            now = timezone.now()
+            held.filter(pk__in=runnable).update(state=JobState.PROCESSING, attempts=F("attempts") + 1, updated_at=now)
+    return runnable
+
+
+def is_retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One upstream attempt of a job, as the worker saw it."""
+
+    job_id: uuid.UUID
+    status: int
+    body: Any
+    model_id: int | None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    error: str = ""
+    latency_ms: float = 0.0
+
+    @property
+    def tokens(self) -> tuple[int | None, int | None]:
+        return self.input_tokens, self.output_tokens
+
+    def record(self, job: InferenceRequest) -> CallRecord:
+        """The attempt that finished `job`, for pricing and logging (priced as of the job's submission)."""
+        return CallRecord(
+            request_id=job.id.hex,
+            user_id=job.owner_id,
+            api_key_id=job.api_key_id,
+            model_id=self.model_id,
+            model_alias=job.model_alias,
+            path=job.path,
+            tier=job.service_tier,
+            status_code=self.status,
+            started_at=job.created_at,
+            latency_ms=self.latency_ms,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            job_id=job.id,
+        )
+
+
+def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | None]:
+    """Store upstream attempts' outcomes: complete and charge, schedule a retry, or fail.
+
+    One transaction for the batch; each job's charge and state change commit together, and only
+    while the job is still this worker's and unfinished. Returns each job's new state, or None
+    for a job that was no longer ours (cancelled, expired, swept).
+    """
+    now = timezone.now()
+    states: dict[uuid.UUID, str | None] = {outcome.job_id: None for outcome in outcomes}
+    with transaction.atomic():
+        jobs = {
+            job.id: job
+            for job in InferenceRequest.objects.select_for_update().filter(
+                pk__in=list(states), claimed_by=worker, state=JobState.PROCESSING
+            )
+        }
+        records: list[CallRecord] = []
+        for outcome in outcomes:
+            job = jobs.get(outcome.job_id)
+            if job is None:
+                continue
+            states[job.id] = _retry(job, outcome, now) or _finish(job, outcome, now)
+            if states[job.id] != JobState.PENDING:
+                records.append(outcome.record(job))
+        account(records)
+    return states
+
+
+def _retry(job: InferenceRequest, outcome: Outcome, now: datetime) -> str | None:
+    """Put a job whose attempt may succeed later back in the queue, if its deadline leaves time."""
+    if not is_retryable(outcome.status):
+        return None
+    delay = min(RETRY_FIRST_SECONDS * 2 ** max(job.attempts - 1, 0), RETRY_MAX_SECONDS)
+    not_before = now + timedelta(seconds=delay)
+    if job.deadline is not None and not_before >= job.deadline:
+        return None
+    error = f"Attempt {job.attempts} failed with status {outcome.status}: {outcome.error or 'upstream error'}"
+    InferenceRequest.objects.filter(pk=job.pk).update(
+        state=JobState.PENDING,
+        not_before=not_before,
+        claimed_by="",
+        claimed_at=None,
+        error=error[:2000],
+        updated_at=now,
+    )
+    return JobState.PENDING
+
+
+def _finish(job: InferenceRequest, outcome: Outcome, now: datetime) -> str:
+    error = outcome.error
+    if is_retryable(outcome.status):
+        error = f"{error or f'The upstream answered {outcome.status}'}; no time left to retry before the deadline."
+    fields = outcome_fields(outcome.status, outcome.body, tokens=outcome.tokens, error=error)
+    InferenceRequest.objects.filter(pk=job.pk).finish(**fields)
+    return str(fields["state"])
+
+
+def release_jobs(worker: str, job_ids: list[uuid.UUID]) -> int:
+    """Give jobs this worker can no longer finish back to the queue, not counting the interrupted attempt."""
+    now = timezone.now()
+    held = InferenceRequest.objects.filter(pk__in=job_ids, claimed_by=worker)
+    back = {"state": JobState.PENDING, "claimed_by": "", "claimed_at": None, "not_before": now, "updated_at": now}
+    with transaction.atomic():
+        released = held.filter(state=JobState.CLAIMED).update(**back)
+        released += held.filter(state=JobState.PROCESSING, attempts__gt=0).update(**back, attempts=F("attempts") - 1)
+    return released
+
+
+def process_is_gone(claimed_by: str) -> bool:
+    """True when `claimed_by` names a process on this host that no longer runs (or is a zombie)."""
+    parts = claimed_by.removeprefix(GATEWAY_CLAIM_PREFIX).split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        with open(f"/proc/{parts[1]}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    return state in {b"Z", b"X"}
+
+
+def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
+    """Fail expired flex jobs and orphaned gateway calls; re-queue jobs of dead or stuck workers.
+
+    Returns the ids of the jobs it finished, so their waiters can be woken.
+    """
+    now = now or timezone.now()
+    finished = fail_jobs(
+        list(
+            InferenceRequest.objects.unfinished()
+            .filter(service_tier=Tier.FLEX, deadline__lte=now)
+            .values_list("id", flat=True)
+        ),
+        status=504,
+        message=DEADLINE_MESSAGE,
+        code="deadline_exceeded",
+    )
+    held = list(
+        InferenceRequest.objects.filter(state__in=(JobState.CLAIMED, JobState.PROCESSING)).values_list(
+            "id", "claimed_by", "claimed_at", "model_alias"
+        )
+    )
+    timeouts = dict(
+        DeployedModel.objects.filter(alias__in={row[3] for row in held}).values_list(
+            "alias", "endpoint__timeout_seconds"
+        )
+    )
+    orphans: list[uuid.UUID] = []
+    requeue: dict[str, list[uuid.UUID]] = {}
+    for job_id, claimed_by, claimed_at, alias in held:
+        limit = timedelta(seconds=timeouts.get(alias, 600) + STUCK_MARGIN_SECONDS)
+        if not (claimed_at is None or claimed_at < now - limit or process_is_gone(claimed_by)):
+            continue
+        if claimed_by.startswith(GATEWAY_CLAIM_PREFIX):
+            orphans.append(job_id)
+        else:
+            requeue.setdefault(claimed_by, []).append(job_id)
+    # A real-time call runs inside the gateway process that accepted it; nobody else can finish it
+    # (or know whether the upstream already did the work), so it fails rather than running twice.
+    finished += fail_jobs(orphans, status=502, message=GATEWAY_STOPPED_MESSAGE, code="gateway_interrupted")
+    for claimed_by, ids in requeue.items():
+        InferenceRequest.objects.filter(
+            pk__in=ids, claimed_by=claimed_by, state__in=(JobState.CLAIMED, JobState.PROCESSING)
+        ).update(state=JobState.PENDING, claimed_by="", claimed_at=None, not_before=now, updated_at=now)
+    retired = list(
+        InferenceRequest.objects.filter(state=JobState.PENDING, service_tier=Tier.FLEX)
+        .exclude(model_alias__in=DeployedModel.objects.live().values("alias"))
+        .values_list("id", flat=True)
+    )
+    finished += fail_jobs(retired, status=404, message=MODEL_RETIRED_MESSAGE, code="model_not_found")
+    return finished
