@@ -148,12 +148,12 @@ async def stream(
         return errors.openai_error(failure.status, failure.message, code=failure.code)
     if raw is not None:
         await chunks.aclose()
-        result = UpstreamResult.of(head.status, raw, head.content_type)
+        result = UpstreamResult.of(head.status, transform(raw) if transform else raw, head.content_type)
         record_call(call, result.status, tokens=result.tokens)
         if on_end is not None:
             error = error_message(result) if result.status >= 400 else ""
-            await on_end(StreamEnd(result.status, parse_json(raw), result.tokens, error))
-        return HttpResponse(raw, status=result.status, content_type=result.content_type)
+            await on_end(StreamEnd(result.status, parse_json(result.body), result.tokens, error))
+        return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
     def ended(status: int, usage: SSEUsage, ttfb_ms: float | None) -> None:
         record_call(call, status, tokens=usage.tokens(), ttfb_ms=ttfb_ms)

@@ -8,22 +8,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
+import httpx
 import openai
 import pytest
 import uvicorn
-from django.db import connection
+from django.db import close_old_connections, connection
 
 from accounts.models import User
 from accounts.services import create_api_key
-from billing.models import Balance
+from billing.models import Balance, CreditTransaction
 from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
-from tests.upstream import FakeUpstream, free_port
+from gateway.worker import run_flex_jobs
+from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream, free_port
 
 PRICE_IN = Decimal("0.50")
 PRICE_OUT = Decimal("1.50")
 FLEX_IN = Decimal("0.25")
 FLEX_OUT = Decimal("0.75")
+FLEX_COST = (FLEX_IN * PROMPT_TOKENS + FLEX_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
+HELLO = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +108,11 @@ def world(
     paid = add_model("gpt-test", endpoint=endpoint, upstream_model="gpt-upstream", groups=["research"], **prices)
     embed = add_model("embed-test", endpoint=endpoint, kind="embeddings", groups=["research"], **prices)
     free = add_model("free-model", endpoint=endpoint, public=True)
-    for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream"):
+    for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream", "json-only"):
         add_model(behaviour, endpoint=endpoint, groups=["research"], **prices)
     upstream.requests.clear()
+    upstream.peak_in_flight = 0
+    upstream.slow_seconds = 5.0  # a test may shorten it
     yield World(upstream=upstream, url=gateway_server.url, paid=paid, free=free, embed=embed)
     settle()
 
@@ -141,3 +147,56 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+# --- flex workers ------------------------------------------------------------------------------
+
+
+class WorkerThread:
+    """A flex runner on its own thread and event loop, as a qcluster worker would run it."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            run_flex_jobs(linger=True, lifetime=3600, hard_stop=3600, stop=self.stop)
+        finally:
+            close_old_connections()
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the flex worker did not stop"
+
+
+@pytest.fixture
+def flex_worker(world) -> Iterator[WorkerThread]:
+    with WorkerThread() as worker:
+        yield worker
+
+
+def drain() -> int:
+    """Run one runner until nothing is due, on a thread of its own (as a worker process would)."""
+    finished: list[int] = []
+    thread = threading.Thread(target=lambda: finished.append(run_flex_jobs()))
+    thread.start()
+    thread.join(60)
+    return finished[0]
+
+
+def flex_charges(job_id: object) -> list[CreditTransaction]:
+    return list(CreditTransaction.objects.filter(kind="usage", source_id=str(job_id)))
+
+
+def upstream_calls(world, model: str) -> int:  # type: ignore[no-untyped-def]
+    return sum(1 for seen in world.upstream.requests if seen["body"].get("model") == model)
+
+
+def post(world, secret: str, path: str, body: dict) -> httpx.Response:  # type: ignore[no-untyped-def, type-arg]
+    return httpx.post(f"{world.url}/ai/v1/{path}", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30)

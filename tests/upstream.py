@@ -6,7 +6,9 @@ It behaves by the upstream model name it is asked for:
 - `forbidden`: the upstream's own 403
 - `slow`: waits `slow_seconds` before answering
 - `flaky`: answers 503 to the first `flaky_failures` calls of each request, then normally
-It records every request it saw (path, headers, body) in `requests`.
+- `json-only`: answers /responses with a JSON body even when asked for a stream
+It records every request it saw (path, headers, body) in `requests`, and the most calls it had in
+flight at once in `peak_in_flight`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class FakeUpstream:
         self.slow_seconds = 5.0
         self.flaky_failures = 2
         self.calls_by_content: dict[str, int] = {}
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.stream_closed = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -56,7 +60,7 @@ class FakeUpstream:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_in_flight])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/responses", self.responses)
@@ -65,6 +69,15 @@ class FakeUpstream:
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self._started.set()
         self._loop.run_forever()
+
+    @web.middleware
+    async def _count_in_flight(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
 
     async def _common(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
         body = await request.json()
@@ -164,7 +177,7 @@ class FakeUpstream:
                 "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
             },
         }
-        if not body.get("stream"):
+        if not body.get("stream") or body["model"] == "json-only":
             return web.json_response(completed)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
