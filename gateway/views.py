@@ -75,14 +75,20 @@ def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None)
 def calls_model(
     view: Callable[[GatewayCall], Awaitable[HttpResponseBase]],
 ) -> Callable[[GatewayRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """A view that calls the model upstream: gets the admitted call; a full model answers 429."""
+    """A view that calls the model upstream: gets the admitted call; a full model answers 429, and an
+    upstream that timed out or could not be reached is recorded and answered 504 / 502."""
 
     @wraps(view)
     async def serve(request: GatewayRequest) -> HttpResponseBase:
+        call = request.gateway
         try:
-            return await view(request.gateway)
+            return await view(call)
         except limits.AtCapacity as refusal:
             return refusal.response()
+        except clients.UpstreamError as exc:
+            failure = failure_of(exc)
+            record_call(call, failure.status)
+            return errors.openai_error(failure.status, failure.message, code=failure.code)
 
     return serve
 
@@ -141,11 +147,10 @@ async def stream(
         raw = None if is_event_stream(head) else b"".join([chunk async for chunk in chunks])
     except clients.UpstreamError as exc:
         await chunks.aclose()
-        failure = failure_of(exc)
-        record_call(call, failure.status)
         if on_end is not None:
+            failure = failure_of(exc)
             await on_end(StreamEnd(failure.status, error=failure.message))
-        return errors.openai_error(failure.status, failure.message, code=failure.code)
+        raise  # answered by calls_model
     if raw is not None:
         await chunks.aclose()
         result = UpstreamResult.of(head.status, transform(raw) if transform else raw, head.content_type)
@@ -160,10 +165,9 @@ async def stream(
         if on_end is not None:
             body = final(usage) if final is not None else None
             end = StreamEnd(status, body, usage.tokens())
-            if body is None:
-                end = StreamEnd(
-                    status if status >= 400 else 502, tokens=usage.tokens(), error=errors.STREAM_CUT_MESSAGE
-                )
+            if body is None or status >= 400:
+                cut = status if status >= 400 else 502
+                end = StreamEnd(cut, tokens=usage.tokens(), error=errors.STREAM_CUT_MESSAGE)
             task = asyncio.get_running_loop().create_task(on_end(end))
             _finishing.add(task)
             task.add_done_callback(_finishing.discard)
@@ -183,12 +187,7 @@ async def stream(
 async def proxy(call: GatewayCall) -> HttpResponseBase:
     if call.stream:
         return await stream(call)
-    try:
-        result = await call_within_capacity(call)
-    except clients.UpstreamError as exc:
-        failure = failure_of(exc)
-        record_call(call, failure.status)
-        return errors.openai_error(failure.status, failure.message, code=failure.code)
+    result = await call_within_capacity(call)
     record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
     return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
@@ -213,12 +212,7 @@ async def responses(call: GatewayCall) -> HttpResponseBase:
         return await start_background(call, job_id)
     if call.stream:
         return await stream_response(call, job_id)
-    try:
-        result = await call_within_capacity(call)
-    except clients.UpstreamError as exc:
-        failure = failure_of(exc)
-        record_call(call, failure.status)
-        return errors.openai_error(failure.status, failure.message, code=failure.code)
+    result = await call_within_capacity(call)
     payload = with_id(parse_json(result.body), job_id)
     # Recorded before the reply, so the id the client receives can be read back at once.
     await in_thread(

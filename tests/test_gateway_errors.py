@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import httpx
@@ -58,9 +59,14 @@ def test_revoked_key_is_401(world, user_with_credits, make_key):
 
 
 def test_expired_key_is_401(world, user_with_credits, make_key):
-    secret = make_key(user_with_credits, expires_at=timezone.now() + timedelta(seconds=1))
-    world.client(secret).chat.completions.create(model="gpt-test", messages=HELLO)
-    wait_for(lambda: ApiKey.objects.get(owner=user_with_credits).expires_at < timezone.now())
+    secret = make_key(user_with_credits)
+    world.client(secret).chat.completions.create(model="gpt-test", messages=HELLO)  # served while valid
+    key = ApiKey.objects.get(owner=user_with_credits)
+    key.expires_at = timezone.now() + timedelta(seconds=1)
+    key.save()  # the snapshot learns the expiry time; the clock, not a rebuild, then ends the key
+
+    models = f"{world.url}/ai/v1/models"
+    wait_for(lambda: httpx.get(models, headers={"Authorization": f"Bearer {secret}"}).status_code == 401, timeout=15)
     with pytest.raises(openai.AuthenticationError):
         world.client(secret).chat.completions.create(model="gpt-test", messages=HELLO)
 
@@ -208,31 +214,34 @@ def test_oversized_body_is_413(world, user_with_credits, make_key):
 
 
 def test_key_rate_limit_is_429_with_retry_after(world, user_with_credits, make_key):
-    secret = make_key(user_with_credits, requests_per_second=1, burst_size=2)
-    statuses = [
-        post(world, "chat/completions", secret, json={"model": "free-model", "messages": HELLO}).status_code
-        for _ in range(3)
-    ]
-    assert statuses == [200, 200, 429]
-    reply = post(world, "chat/completions", secret, json={"model": "free-model", "messages": HELLO})
+    secret = make_key(user_with_credits, requests_per_second=1, burst_size=3)
+    request = {"model": "free-model", "messages": HELLO}
+    # However slowly the calls go, the burst is served and a steady stream faster than 1/s is refused:
+    # a bound that holds for any scheduling (the window's edges may fall anywhere between the calls).
+    statuses: list[int] = []
+    while 429 not in statuses and len(statuses) < 50:
+        statuses.append(post(world, "chat/completions", secret, json=request).status_code)
+    assert statuses[:3] == [200, 200, 200]
+    assert 429 in statuses
+    reply = post(world, "chat/completions", secret, json=request)
+    assert reply.status_code == 429
     assert int(reply.headers["Retry-After"]) >= 1
     assert reply.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_model_capacity_is_429_while_full(world, user_with_credits, make_key):
-    DeployedModel.objects.filter(alias="slow").update(capacity=1)
-    DeployedModel.objects.get(alias="slow").save()  # a save, so the snapshot sees the capacity
-    world.upstream.slow_seconds = 1
+    DeployedModel.objects.filter(alias="held").update(capacity=1)
+    DeployedModel.objects.get(alias="held").save()  # a save, so the snapshot sees the capacity
     secret = make_key(user_with_credits)
-    import threading
-
-    first = threading.Thread(
-        target=lambda: post(world, "chat/completions", secret, json={"model": "slow", "messages": HELLO}, timeout=10)
-    )
+    request = {"model": "held", "messages": HELLO}
+    first = threading.Thread(target=lambda: post(world, "chat/completions", secret, json=request, timeout=30))
     first.start()
-    wait_for(lambda: any(r["body"]["model"] == "slow" for r in world.upstream.requests))
-    reply = post(world, "chat/completions", secret, json={"model": "slow", "messages": HELLO})
+    wait_for(lambda: world.upstream.in_flight == 1)  # the first call holds the only slot until released
+
+    reply = post(world, "chat/completions", secret, json=request)
+    world.upstream.release.set()
     first.join()
+
     assert reply.status_code == 429
     assert reply.json()["error"]["code"] == "model_at_capacity"
 

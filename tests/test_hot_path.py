@@ -3,42 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
-import time
 
 import httpx
 import pytest
 from django.db.backends import utils as db_utils
 from django.test import override_settings
 
-from tests.conftest import wait_for
-
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HELLO = [{"role": "user", "content": "hi"}]
 
 
+MEASURED = contextvars.ContextVar("measured", default=False)
+
+
 @pytest.fixture
-def all_queries(monkeypatch) -> list[str]:
-    """Every SQL statement run by any thread (django_assert_num_queries sees only the test's own thread)."""
+def request_queries(monkeypatch) -> list[str]:
+    """Every SQL statement run on behalf of a measured request, in any thread.
+
+    The request's context (a contextvar) travels with its work into the worker threads that run
+    database calls, so queries it causes are seen wherever they run, and the queries of other
+    event loops' watchers and flushers (the live server's, on their own schedule) never are.
+    """
     seen: list[str] = []
     lock = threading.Lock()
     original = db_utils.CursorWrapper._execute_with_wrappers
 
     def counting(self, sql, *args, **kwargs):  # type: ignore[no-untyped-def]
-        with lock:
-            seen.append(sql)
+        if MEASURED.get():
+            with lock:
+                seen.append(sql)
         return original(self, sql, *args, **kwargs)
 
     monkeypatch.setattr(db_utils.CursorWrapper, "_execute_with_wrappers", counting)
     return seen
 
 
-# The snapshot watchers and usage flushers (of this event loop, and of the live server other tests
-# started) query the database on their own schedule; long intervals keep those legitimate,
-# off-path queries out of the measured window.
+# A watcher or flusher this event loop starts during the request sleeps its interval first: long
+# intervals keep its legitimate, off-path queries out of the measurement.
 @override_settings(GATEWAY_SNAPSHOT_POLL_SECONDS=600, GATEWAY_ACCOUNTING_FLUSH_SECONDS=600)
-def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, all_queries, django_assert_num_queries):
+def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, request_queries):
     from dwctl_site.asgi import application
     from gateway import clients
     from gateway.accounting import accountant
@@ -47,21 +53,21 @@ def test_steady_state_request_runs_no_sql(world, user_with_credits, make_key, al
     request = {"model": "gpt-test", "messages": HELLO}
 
     async def one_request() -> int:
-        # In this thread's own event loop, so django_assert_num_queries sees the request path.
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             reply = await client.post("/ai/v1/chat/completions", json=request, headers=headers)
         await clients.aclose()  # this loop's upstream client
         return reply.status_code
 
-    assert asyncio.run(one_request()) == 200  # builds the snapshot
-    time.sleep(0.5)  # lets a watcher or flusher that was mid-interval start its long sleep
-    all_queries.clear()
-    with django_assert_num_queries(0):
-        assert asyncio.run(one_request()) == 200
-    assert all_queries == []
+    async def measured_request() -> int:
+        MEASURED.set(True)
+        return await one_request()
 
-    # The work did happen: it is written later, off the request path.
+    assert asyncio.run(one_request()) == 200  # builds the snapshot
+    assert asyncio.run(measured_request()) == 200
+    assert request_queries == []
+
+    # The work did happen: it is written later, off the request path — and the counter sees it.
     assert len(accountant.pending) >= 1
-    accountant.flush()
-    wait_for(lambda: all_queries)
+    contextvars.copy_context().run(lambda: (MEASURED.set(True), accountant.flush()))
+    assert request_queries

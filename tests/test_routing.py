@@ -6,7 +6,8 @@ import pytest
 
 from gateway.call import Route
 from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial, modality_label
-from gateway.policy import BadRequest, authorize, route_tier, validate_body
+from gateway.policy import Authorized, BadRequest, authorize, route_tier, validate_body
+from gateway.queue import is_retryable
 from gateway.snapshot import EndpointEntry, KeyEntry, ModelEntry, Snapshot
 
 ENDPOINT = EndpointEntry(id=1, base_url="http://up/v1", auth_headers={}, timeout_seconds=5, connect_timeout_seconds=1)
@@ -140,3 +141,29 @@ def test_balance_gate_uses_the_tier_served():
 )
 def test_modality_labels(purpose, label):
     assert modality_label(purpose) == label
+
+
+def test_a_paid_flex_call_from_an_unfunded_user_is_refused():
+    paid = model("m", paid=("flex",))
+    assert authorize(snapshot(paid, funded=()), key(), paid, "flex") == Denial(BALANCE_TOO_LOW, "m")
+    assert isinstance(authorize(snapshot(paid, funded=()), key(), paid, "realtime"), Authorized)
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"),
+    [
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (422, False),
+        (408, True),
+        (429, True),
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+    ],
+)
+def test_a_flex_attempt_is_retried_only_for_statuses_that_may_succeed_later(status, retried):
+    assert is_retryable(status) is retried

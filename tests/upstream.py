@@ -5,6 +5,7 @@ It behaves by the upstream model name it is asked for:
 - `fail-500` / `fail-400`: that status with an OpenAI error body
 - `forbidden`: the upstream's own 403
 - `slow`: waits `slow_seconds` before answering
+- `held`: waits until the test sets `release` (at most 30 s), so a test controls when a call ends
 - `flaky`: answers 503 to the first `flaky_failures` calls of each request, then normally
 - `json-only`: answers /responses with a JSON body even when asked for a stream
 It records every request it saw (path, headers, body) in `requests`, and the most calls it had in
@@ -41,6 +42,7 @@ class FakeUpstream:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.stream_closed = threading.Event()
+        self.release = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -91,6 +93,8 @@ class FakeUpstream:
             return body, web.Response(text="Upstream Forbidden", status=403)
         if model == "slow":
             await asyncio.sleep(self.slow_seconds)
+        if model == "held":
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
         if model == "flaky":
             content = orjson.dumps(body.get("messages") or body.get("input")).decode()
             seen = self.calls_by_content.get(content, 0)
