@@ -31,9 +31,7 @@ def response_id(reply: httpx.Response) -> str:
 # --- capacity --------------------------------------------------------------------------------------
 
 
-def test_background_calls_hold_the_models_capacity_until_their_upstream_call_ends(
-    world, user_with_credits, make_key
-):
+def test_background_calls_hold_the_models_capacity_until_their_upstream_call_ends(world, user_with_credits, make_key):
     DeployedModel.objects.filter(alias="held").update(capacity=1)
     DeployedModel.objects.get(alias="held").save()  # a save, so the snapshot sees the capacity
     secret = make_key(user_with_credits)
