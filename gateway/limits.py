@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from functools import cache
 
 from django.conf import settings
@@ -84,17 +83,28 @@ class AtCapacity(Exception):
         return errors.model_at_capacity(self.alias)
 
 
-@asynccontextmanager
-async def capacity(call: GatewayCall) -> AsyncIterator[None]:
+class _Slot:
+    """One concurrent-call slot of a model, held for an `async with` block (a class, not a generator:
+    it is entered on every call)."""
+
+    __slots__ = ("call", "capacity", "model_id")
+
+    def __init__(self, call: GatewayCall, model_id: int, capacity: int) -> None:
+        self.call, self.model_id, self.capacity = call, model_id, capacity
+
+    async def __aenter__(self) -> None:
+        if _in_flight.get(self.model_id, 0) >= self.capacity:
+            raise AtCapacity(self.call)
+        _in_flight[self.model_id] = _in_flight.get(self.model_id, 0) + 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        _in_flight[self.model_id] -= 1
+
+
+_UNBOUNDED = nullcontext()
+
+
+def capacity(call: GatewayCall) -> AbstractAsyncContextManager[None]:
     """Hold one of the model's concurrent-call slots for the block; raise AtCapacity when none is free."""
     model = call.served
-    if model.capacity is None:
-        yield
-        return
-    if _in_flight.get(model.id, 0) >= model.capacity:
-        raise AtCapacity(call)
-    _in_flight[model.id] = _in_flight.get(model.id, 0) + 1
-    try:
-        yield
-    finally:
-        _in_flight[model.id] -= 1
+    return _UNBOUNDED if model.capacity is None else _Slot(call, model.id, model.capacity)

@@ -83,18 +83,15 @@ def test_background_flex_response_is_queued_then_completes(world, user_with_cred
 
 
 def test_a_job_is_in_progress_while_a_worker_runs_it(world, user_with_credits, make_key):
-    world.upstream.slow_seconds = 1.5
     secret = make_key(user_with_credits)
     client = world.client(secret)
     body = post(
-        world, secret, "responses", {"model": "slow", "input": "hi", "service_tier": "flex", "background": True}
+        world, secret, "responses", {"model": "held", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
-    try:
-        with WorkerThread():
-            wait_for(lambda: client.responses.retrieve(body["id"]).status == "in_progress")
-            wait_for(lambda: client.responses.retrieve(body["id"]).status == "completed")
-    finally:
-        world.upstream.slow_seconds = 5.0
+    with WorkerThread():
+        wait_for(lambda: client.responses.retrieve(body["id"]).status == "in_progress")
+        world.upstream.release.set()
+        wait_for(lambda: client.responses.retrieve(body["id"]).status == "completed")
 
 
 def test_blocking_flex_response_carries_our_id(world, flex_worker, user_with_credits, make_key):
@@ -218,9 +215,8 @@ def test_the_sweep_fails_a_background_job_past_its_deadline(world, user_with_cre
     body = post(
         world, secret, "responses", {"model": "gpt-test", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
-    time.sleep(1.2)
 
-    sweep_jobs()
+    wait_for(lambda: body["id"] in {f"resp_{job_id.hex}" for job_id in sweep_jobs()})  # once its 1 s is up
 
     fetched = world.client(secret).responses.retrieve(body["id"])
     assert fetched.status == "failed"

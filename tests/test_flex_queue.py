@@ -114,17 +114,14 @@ def test_a_runner_claims_only_jobs_whose_call_fits_in_its_time_left(world, user_
 
 
 def test_a_stopped_runner_gives_its_jobs_back_uncounted(world, user_with_credits):
-    world.upstream.slow_seconds = 2.0
-    (job,) = queue_jobs(user_with_credits, "slow", 1)
-    try:
-        with WorkerThread():
-            wait_for(lambda: InferenceRequest.objects.filter(state="processing").exists())
-        job.refresh_from_db()
-        assert (job.state, job.claimed_by, job.attempts) == ("pending", "", 0)
+    (job,) = queue_jobs(user_with_credits, "held", 1)
+    with WorkerThread():
+        wait_for(lambda: upstream_calls(world, "held") == 1)  # the call is running; the runner stops now
+    job.refresh_from_db()
+    assert (job.state, job.claimed_by, job.attempts) == ("pending", "", 0)
 
-        assert drain() == 1
-    finally:
-        world.upstream.slow_seconds = 5.0
+    world.upstream.release.set()
+    assert drain() == 1
     job.refresh_from_db()
     assert (job.state, job.attempts) == ("completed", 1)
     assert len(flex_charges(job.id)) == 1
