@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,20 @@ def python_files(package: str) -> list[Path]:
     return [path for path in (ROOT / package).rglob("*.py") if "migrations" not in path.parts]
 
 
+def parse(path: Path) -> ast.Module:
+    # Python 3.11 keeps one AST recursion counter for all threads, and another thread of the test
+    # process (traceback formatting in the live gateway) may be building an AST too; a collection
+    # in the middle would let them interleave ("AST constructor recursion depth mismatch").
+    gc.disable()
+    try:
+        return ast.parse(path.read_text())
+    finally:
+        gc.enable()
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every project module a file imports, at any depth, except under `if TYPE_CHECKING:`."""
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     type_only = {
         id(node)
         for block in ast.walk(tree)
