@@ -248,7 +248,7 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
 
     def final(usage: SSEUsage) -> Any:
         event = usage.data()
-        return with_id(event.get("response") if isinstance(event, dict) else None, job_id)
+        return event.get("response") if isinstance(event, dict) else None
 
     async def finish(end: StreamEnd) -> None:
         body = with_id(end.body, job_id) if end.status < 400 else end.body
