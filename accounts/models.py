@@ -72,6 +72,14 @@ class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
         return self.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
 
 
+class SpendWindow(models.TextChoices):
+    """UTC calendar windows of a key's spend limit."""
+
+    DAY = "day", "Day"
+    WEEK = "week", "Week"
+    MONTH = "month", "Month"
+
+
 class ApiKey(models.Model):
     """A bearer secret for the API. Only its SHA-256 is stored; the secret is shown once."""
 
@@ -86,6 +94,13 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     requests_per_second = models.PositiveIntegerField(null=True, blank=True)
     burst_size = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Input plus output tokens per rolling minute."
+    )
+    spend_limit = models.DecimalField(
+        max_digits=24, decimal_places=9, null=True, blank=True, help_text="Credits per spend window."
+    )
+    spend_window = models.CharField(max_length=10, choices=SpendWindow.choices, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
 
@@ -98,6 +113,11 @@ class ApiKey(models.Model):
             models.CheckConstraint(
                 condition=Q(burst_size__isnull=True) | Q(requests_per_second__isnull=False),
                 name="api_key_burst_needs_rate",
+            ),
+            models.CheckConstraint(
+                condition=(Q(spend_limit__isnull=True) & Q(spend_window=""))
+                | (Q(spend_limit__gt=0) & ~Q(spend_window="")),
+                name="api_key_spend_limit_has_window",
             ),
         ]
 

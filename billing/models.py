@@ -148,7 +148,9 @@ class Balance(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="balance"
     )
     amount = models.DecimalField(**AMOUNT, default=Decimal(0))
-    updated_at = models.DateTimeField(default=timezone.now)
+    # Moves by one with every change, so a reader can tell which of two copies of a balance is newer.
+    version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     objects = BalanceQuerySet.as_manager()
 

@@ -83,8 +83,9 @@ def _move(balance: Balance, delta: Decimal) -> None:
     """Apply a ledger change to a locked balance; announce on commit when it crosses zero."""
     before = balance.amount
     balance.amount = before + delta
+    balance.version += 1
     balance.updated_at = timezone.now()
-    balance.save(update_fields=["amount", "updated_at"])
+    balance.save(update_fields=["amount", "version", "updated_at"])
     if (before > 0) != (balance.amount > 0):
         user_id = balance.user_id
         transaction.on_commit(lambda: balance_sign_changed.send(sender=Balance, user_id=user_id))

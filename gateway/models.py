@@ -53,7 +53,13 @@ class DeployedModel(models.Model):
     kind = models.CharField(max_length=20, choices=ModelKind.choices, default=ModelKind.CHAT)
     requests_per_second = models.PositiveIntegerField(null=True, blank=True)
     burst_size = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Input plus output tokens per rolling minute (real-time calls)."
+    )
     capacity = models.PositiveIntegerField(null=True, blank=True, help_text="Max concurrent real-time calls.")
+    max_output_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Output bound reserved for a call that sets none (credit reservations)."
+    )
     flex_concurrency = models.PositiveIntegerField(default=10, help_text="Max concurrent queued (flex) calls.")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     deleted_at = models.DateTimeField(null=True, blank=True, help_text="Set to retire the model (soft delete).")
@@ -177,10 +183,14 @@ class RequestLog(models.Model):
     input_tokens = models.PositiveIntegerField(null=True)
     output_tokens = models.PositiveIntegerField(null=True)
     cost = models.DecimalField(**AMOUNT, null=True)
+    usage_estimated = models.BooleanField(
+        default=False, help_text="The upstream reported no usage: tokens are the gateway's own count."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["api_key", "created_at"], name="requestlog_key_time")]
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.status_code}"

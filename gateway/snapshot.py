@@ -37,6 +37,9 @@ class KeyEntry:
     expires_at: float | None
     requests_per_second: int | None
     burst_size: int | None
+    tokens_per_minute: int | None = None
+    spend_limit: Decimal | None = None
+    spend_window: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class ModelEntry:
     capacity: int | None
     flex_concurrency: int
     created: int
+    tokens_per_minute: int | None = None
+    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +100,24 @@ def build_snapshot() -> Snapshot:
             expires_at=row["expires_at"].timestamp() if row["expires_at"] else None,
             requests_per_second=row["requests_per_second"],
             burst_size=row["burst_size"],
+            tokens_per_minute=row["tokens_per_minute"],
+            spend_limit=row["spend_limit"],
+            spend_window=row["spend_window"],
         )
         for row in ApiKey.objects.active()
         .filter(owner__is_active=True)
-        .values("id", "secret_hash", "owner_id", "purpose", "expires_at", "requests_per_second", "burst_size")
+        .values(
+            "id",
+            "secret_hash",
+            "owner_id",
+            "purpose",
+            "expires_at",
+            "requests_per_second",
+            "burst_size",
+            "tokens_per_minute",
+            "spend_limit",
+            "spend_window",
+        )
     }
     everyone = AccessGroup.objects.everyone()
     model_groups: dict[int, set[int]] = {}
@@ -146,6 +165,8 @@ def build_snapshot() -> Snapshot:
             capacity=model.capacity,
             flex_concurrency=model.flex_concurrency,
             created=int(model.created_at.timestamp()),
+            tokens_per_minute=model.tokens_per_minute,
+            max_output_tokens=model.max_output_tokens,
         )
     funded = frozenset(Balance.objects.filter(amount__gt=Decimal(0)).values_list("user_id", flat=True))
     return Snapshot(
