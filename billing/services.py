@@ -23,7 +23,7 @@ from billing.models import (
     TransactionKind,
     price_tokens,
 )
-from billing.signals import balance_sign_changed
+from billing.signals import balance_changed
 from common.bulk import insert_rows
 
 
@@ -80,15 +80,13 @@ def _post(
 
 
 def _move(balance: Balance, delta: Decimal) -> None:
-    """Apply a ledger change to a locked balance; announce on commit when it crosses zero."""
-    before = balance.amount
-    balance.amount = before + delta
+    """Apply a ledger change to a locked balance; announce it on commit."""
+    balance.amount += delta
     balance.version += 1
     balance.updated_at = timezone.now()
     balance.save(update_fields=["amount", "version", "updated_at"])
-    if (before > 0) != (balance.amount > 0):
-        user_id = balance.user_id
-        transaction.on_commit(lambda: balance_sign_changed.send(sender=Balance, user_id=user_id))
+    user_id, version, amount = balance.user_id, balance.version, balance.amount
+    transaction.on_commit(lambda: balance_changed.send(sender=Balance, user_id=user_id, version=version, amount=amount))
 
 
 @transaction.atomic
@@ -226,6 +224,16 @@ def paid_tiers(tariffs: Iterable[Tariff], at: datetime) -> frozenset[str]:
     return frozenset(
         tier for tier in Tier.values if (tariff := select_tariff(versions, tier, at)) is not None and tariff.is_paid
     )
+
+
+def prices_at(tariffs: Iterable[Tariff], at: datetime) -> dict[str, tuple[Decimal, Decimal]]:
+    """One model's (input, output) prices per tier at a time, for the tiers that have one."""
+    versions = list(tariffs)
+    return {
+        tier: (tariff.input_price, tariff.output_price)
+        for tier in Tier.values
+        if (tariff := select_tariff(versions, tier, at)) is not None
+    }
 
 
 def tariff_for(model_id: int, tier: str, *, at: datetime | None = None) -> Tariff | None:

@@ -1,5 +1,5 @@
 from django.dispatch import Signal
 
-# Sent (on commit) when a user's balance moves from > 0 to <= 0 or back: the gateway's auth
-# snapshot holds "has credits" per user and must be rebuilt.
-balance_sign_changed = Signal()
+# Sent on commit whenever a user's balance moves, with user_id, version and amount: the gateway's
+# credit admission keeps the newest balance it has seen of each user (gateway.budget).
+balance_changed = Signal()

@@ -27,7 +27,9 @@ from accounts.models import ApiKey
 from billing.models import Tariff
 from billing.services import Usage, charge_usages, cost_of, select_tariff
 from common.bulk import insert_rows
+from gateway import budget
 from gateway.db import in_thread
+from gateway.ledger_cache import PROCESS
 from gateway.models import InferenceRequest, RequestLog
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class CallRecord:
     input_tokens: int | None = None
     output_tokens: int | None = None
     job_id: uuid.UUID | None = None  # the InferenceRequest that records this call, which gets its cost
+    usage_estimated: bool = False  # the upstream reported no usage: tokens are the gateway's own count
+    committed: int = 0  # nano-credits credit admission holds for it until it is written (gateway.budget)
+    process: str = PROCESS  # the process that recorded it
 
     @property
     def billable(self) -> bool:
@@ -91,6 +96,7 @@ LOG_COLUMNS = (
     "input_tokens",
     "output_tokens",
     "cost",
+    "usage_estimated",
     "created_at",
 )
 
@@ -134,6 +140,7 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
                 r.input_tokens,
                 r.output_tokens,
                 costs.get(r.request_id),
+                r.usage_estimated,
                 r.started_at,
             )
             for r in records
@@ -196,6 +203,7 @@ class _Accountant:
                 # Keep them for the next flush; request ids make writing them again harmless.
                 self.pending[:0] = batch
                 raise
+            budget.written((r.user_id, r.committed, r.process) for r in batch)
 
     async def aflush(self) -> None:
         await in_thread(self.flush)

@@ -31,6 +31,8 @@ class GatewayCall:
     model: ModelEntry | None = None  # the model served (after a redirect)
     requested_alias: str = ""
     route: Route = Route.REALTIME
+    body_bytes: int = 0  # the size of the request body, for estimating its input tokens
+    hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
 
     @property
     def stream(self) -> bool:

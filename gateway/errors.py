@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -105,6 +106,15 @@ def model_rate_limited(alias: str, wait: float) -> HttpResponse:
 
 def model_at_capacity(alias: str) -> HttpResponse:
     return rate_limited(f"'{alias}' is at capacity. Please retry shortly.", 1.0, "model_at_capacity")
+
+
+def spend_limit_reached(limit: str, window: str, resets_at: datetime) -> HttpResponse:
+    return openai_error(
+        402,
+        f"This API key has reached its spend limit of {limit} credits per {window}. "
+        f"It resets at {resets_at.isoformat().replace('+00:00', 'Z')}.",
+        code="spend_limit_exceeded",
+    )
 
 
 def response_not_found(response_id: str) -> HttpResponse:

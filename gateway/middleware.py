@@ -11,7 +11,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from gateway import errors, flex, limits
+from gateway import budget, errors, flex, limits
 from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
 from gateway.errors import Denial, denied, render_denial
 from gateway.policy import (
@@ -92,6 +92,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
             body = orjson.loads(request.body)
             alias = validate_body(body)
             call.body = body
+            call.body_bytes = len(request.body)
             call.route = route_tier(path, body)
         except orjson.JSONDecodeError:
             return errors.invalid_json()
@@ -113,6 +114,8 @@ class TierRoutingMiddleware(AsyncMiddleware):
         if refusal is not None:
             return refusal
         if call.route == Route.FLEX:
-            return await flex.submit(call)
-        # Real time: the view takes a capacity slot around its upstream call (gateway.limits.capacity).
-        return await limits.check_model(call) or await self.get_response(request)
+            # Queued calls reserve credits when a worker starts them; here they must only fit.
+            return await budget.admit(call, hold=False) or await flex.submit(call)
+        # Real time: reserve the call's credits last, so no refusal before it has to give them back;
+        # the view takes a capacity slot around its upstream call (gateway.limits.capacity).
+        return await limits.check_model(call) or await budget.admit(call) or await self.get_response(request)

@@ -13,7 +13,7 @@ from typing import Any
 from accounts.models import Purpose
 from accounts.services import hash_secret
 from gateway.call import Route
-from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial
+from gateway.errors import BLOCKED_BY_RULE, NO_ACCESS, Denial
 from gateway.snapshot import KeyEntry, ModelEntry, Snapshot
 from routing_rules.models import RuleAction
 
@@ -84,7 +84,7 @@ def authenticate(snapshot: Snapshot, authorization: str | None, now: float | Non
 
 
 def authorize(snapshot: Snapshot, key: KeyEntry, model: ModelEntry, tier: str) -> Authorized | Denial:
-    """Apply, in order, group access, the traffic rule for the key's purpose, and the balance gate."""
+    """Apply, in order, group access and the traffic rule for the key's purpose (credits: gateway.budget)."""
     requested = model.alias
     if not snapshot.can_access(key.user_id, model):
         return Denial(NO_ACCESS, requested)
@@ -96,8 +96,6 @@ def authorize(snapshot: Snapshot, key: KeyEntry, model: ModelEntry, tier: str) -
         target = snapshot.models.get(target_alias)
         if target is not None:
             model = target
-    if tier in model.paid_tiers and key.user_id not in snapshot.funded_users:
-        return Denial(BALANCE_TOO_LOW, requested)
     return Authorized(model=model, requested_alias=requested)
 
 

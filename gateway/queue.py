@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from django.utils import timezone
 
 from billing.models import Balance, Tier
 from gateway.accounting import CallRecord, account
+from gateway.budget import to_nanos
 from gateway.errors import (
     BALANCE_TOO_LOW_MESSAGE,
     DEADLINE_MESSAGE,
@@ -115,25 +117,25 @@ def claim_jobs(
     return list(InferenceRequest.objects.filter(pk__in=claimed, claimed_by=worker, state=JobState.CLAIMED))
 
 
-def start_jobs(worker: str, paid: dict[uuid.UUID, bool]) -> list[uuid.UUID]:
-    """Move claimed jobs (id → whether its model is paid at its tier) to processing; fail, uncalled,
-    the paid ones whose owner ran out of credits. Returns the ids that may now call the upstream.
-    """
-    rows = dict(
-        InferenceRequest.objects.filter(pk__in=list(paid), claimed_by=worker, state=JobState.CLAIMED).values_list(
-            "id", "owner_id"
+def start_jobs(worker: str, holds: Callable[[dict[int, tuple[int, int]]], list[uuid.UUID]]) -> list[uuid.UUID]:
+    """Move this worker's claimed jobs to processing, failing, uncalled, those `holds` refuses: it is
+    given the owners' balances as just read (user → version, nano-credits), reserves what the jobs
+    may spend and returns the refused ids. Returns the ids that may now call the upstream."""
+    claimed = InferenceRequest.objects.filter(claimed_by=worker, state=JobState.CLAIMED)
+    owners = set(claimed.values_list("owner_id", flat=True))
+    balances = {
+        user_id: (version, to_nanos(amount))
+        for user_id, version, amount in Balance.objects.filter(user_id__in=owners).values_list(
+            "user_id", "version", "amount"
         )
-    )
-    funded = set(Balance.objects.filter(user_id__in=set(rows.values()), amount__gt=0).values_list("user_id", flat=True))
-    broke = [job_id for job_id, owner_id in rows.items() if paid[job_id] and owner_id not in funded]
-    runnable = [job_id for job_id in rows if job_id not in broke]
+    }
+    broke = holds(balances)
     with transaction.atomic():
-        held = InferenceRequest.objects.filter(claimed_by=worker, state=JobState.CLAIMED)
         if broke:
-            held.filter(pk__in=broke).finish(**failure_fields(402, BALANCE_TOO_LOW_MESSAGE, "insufficient_credits"))
-        if runnable:
-            now = timezone.now()
-            held.filter(pk__in=runnable).update(state=JobState.PROCESSING, attempts=F("attempts") + 1, updated_at=now)
+            claimed.filter(pk__in=broke).finish(**failure_fields(402, BALANCE_TOO_LOW_MESSAGE, "insufficient_credits"))
+        runnable = list(claimed.values_list("id", flat=True))
+        now = timezone.now()
+        claimed.filter(pk__in=runnable).update(state=JobState.PROCESSING, attempts=F("attempts") + 1, updated_at=now)
     return runnable
 
 

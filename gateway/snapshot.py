@@ -20,8 +20,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey
-from billing.models import Balance, Tariff
-from billing.services import paid_tiers
+from billing.models import Tariff
+from billing.services import paid_tiers, prices_at
 from gateway.db import in_thread
 from gateway.models import DeployedModel, SnapshotVersion
 from routing_rules.models import RuleAction, TrafficRule
@@ -70,6 +70,8 @@ class ModelEntry:
     created: int
     tokens_per_minute: int | None = None
     max_output_tokens: int | None = None
+    # tier -> (input, output) credits per 1M tokens, for the tiers it has a price at
+    prices: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,7 @@ class Snapshot:
     keys: dict[str, KeyEntry] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     user_groups: dict[int, frozenset[int]] = field(default_factory=dict)
-    funded_users: frozenset[int] = frozenset()
+    keys_by_id: dict[int, KeyEntry] = field(default_factory=dict)
 
     def can_access(self, user_id: int, model: ModelEntry) -> bool:
         return model.public or not model.group_ids.isdisjoint(self.user_groups.get(user_id, ()))
@@ -160,6 +162,7 @@ def build_snapshot() -> Snapshot:
             public=everyone.id in groups,
             rules=rules.get(model.id, {}),
             paid_tiers=paid_tiers(tariffs.get(model.id, ()), now),
+            prices=prices_at(tariffs.get(model.id, ()), now),
             requests_per_second=model.requests_per_second,
             burst_size=model.burst_size,
             capacity=model.capacity,
@@ -168,13 +171,12 @@ def build_snapshot() -> Snapshot:
             tokens_per_minute=model.tokens_per_minute,
             max_output_tokens=model.max_output_tokens,
         )
-    funded = frozenset(Balance.objects.filter(amount__gt=Decimal(0)).values_list("user_id", flat=True))
     return Snapshot(
         version=version,
         keys=keys,
+        keys_by_id={key.id: key for key in keys.values()},
         models=models,
         user_groups={user_id: frozenset(ids) for user_id, ids in user_groups.items()},
-        funded_users=funded,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import clients, errors, limits
+from gateway import budget, clients, errors, limits
 from gateway.accounting import CallRecord, accountant
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import in_thread
@@ -50,8 +50,10 @@ _finishing: set[asyncio.Task[Any]] = set()
 
 
 def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None), ttfb_ms: float | None = None) -> None:
-    """Hand a finished call to accounting (priced, charged and logged in the next batch)."""
+    """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
+    cost replaces its credit reservation."""
     model = call.served
+    committed = budget.settle(call, tokens if status < 400 else (None, None))
     accountant.add(
         CallRecord(
             request_id=call.request_id,
@@ -68,6 +70,7 @@ def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None)
             input_tokens=tokens[0],
             output_tokens=tokens[1],
             job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
+            committed=committed,
         )
     )
 
@@ -84,11 +87,15 @@ def calls_model(
         try:
             return await view(call)
         except limits.AtCapacity as refusal:
+            budget.settle(call)
             return refusal.response()
         except clients.UpstreamError as exc:
             failure = failure_of(exc)
             record_call(call, failure.status)
             return errors.openai_error(failure.status, failure.message, code=failure.code)
+        except BaseException:
+            budget.settle(call)  # nothing was served: give the reservation back
+            raise
 
     return serve
 
@@ -297,6 +304,7 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio
             # A job cancelled meanwhile is not charged: its outcome was not stored.
             record_call(call, result.status, tokens=result.tokens if stored else (None, None))
     except Exception as exc:
+        budget.settle(call)
         if accepted.done():
             logger.exception("Background call %s failed", job_id)
         else:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django_q.conf import Conf
 
-from gateway import clients
+from gateway import budget, clients
 from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
@@ -79,6 +79,7 @@ class Runner:
     writer: asyncio.Task[None] | None = None
     snapshot: Snapshot | None = None
     started: float = 0.0
+    holds: dict[uuid.UUID, budget.Hold] = field(default_factory=dict)  # credits reserved per job in flight
 
     async def run(self) -> int:
         started = self.started = time.monotonic()
@@ -133,13 +134,14 @@ class Runner:
             return 0
         try:
             time_left = self.hard_stop - (time.monotonic() - self.started)
-            jobs, refused, self.snapshot = await in_thread(claim_and_start, self.name, room, time_left)
+            jobs, refused, self.snapshot, holds = await in_thread(claim_and_start, self.name, room, time_left)
         except Exception:
             logger.exception("Could not claim flex jobs; trying again")
             return 0
         if refused:
             self.finished += len(refused)
             await announce(refused)
+        self.holds.update(holds)
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self.run_job(job))
             self.in_flight[task] = job.id
@@ -152,6 +154,10 @@ class Runner:
         await asyncio.gather(*tasks, return_exceptions=True)
         ids = list(self.in_flight.values())
         self.in_flight.clear()
+        for job_id in ids:
+            hold = self.holds.pop(job_id, None)
+            if hold is not None:
+                await budget.release_job(hold, 0)
         if ids:
             released = await in_thread(release_jobs, self.name, ids)
             logger.info("Gave %d unfinished flex jobs back to the queue", released)
@@ -217,8 +223,13 @@ class Runner:
         self.outcomes.append((outcome, settled))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.get_running_loop().create_task(self.write_outcomes())
-        if await settled in ("completed", "failed"):
+        state = await settled
+        if state in ("completed", "failed"):
             self.finished += 1
+        hold = self.holds.pop(job.id, None)
+        if hold is not None:
+            charged = budget.cost_nanos(model, job.service_tier, tokens) if model and state == "completed" else 0
+            await budget.release_job(hold, charged)
 
     async def write_outcomes(self) -> None:
         """Store outcomes in batches: calls that end together share one transaction."""
@@ -240,19 +251,41 @@ class Runner:
 
 def claim_and_start(
     worker: str, limit: int, time_left: float
-) -> tuple[list[InferenceRequest], list[uuid.UUID], Snapshot]:
-    """Claim due jobs and re-check their owners' balances: the jobs that may run, and those refused."""
+) -> tuple[list[InferenceRequest], list[uuid.UUID], Snapshot, dict[uuid.UUID, budget.Hold]]:
+    """Claim due jobs and reserve their credits: the jobs that may run, those refused, and the holds."""
     snapshot = get_snapshot()
     jobs = claim_jobs(worker, limit=limit, max_call_seconds=time_left)
     if not jobs:
-        return [], [], snapshot
-    models = snapshot.models
-    paid = {
-        job.id: job.model_alias in models and job.service_tier in models[job.model_alias].paid_tiers for job in jobs
-    }
-    runnable = set(start_jobs(worker, paid))
+        return [], [], snapshot, {}
+    holds: dict[uuid.UUID, budget.Hold] = {}
+
+    def reserve(balances: dict[int, tuple[int, int]]) -> list[uuid.UUID]:
+        refused = []
+        for job in jobs:
+            model = snapshot.models.get(job.model_alias)
+            if model is None:
+                continue  # the call answers 404 without costing anything
+            key = snapshot.keys_by_id.get(job.api_key_id) if job.api_key_id else None
+            body = job.request_body
+            hold = budget.reserve_job(
+                model, job.service_tier, body, job.owner_id, balances.get(job.owner_id, (0, 0)), key
+            )
+            if isinstance(hold, budget.Hold):
+                holds[job.id] = hold
+            elif hold is not None:
+                refused.append(job.id)
+        return refused
+
+    try:
+        runnable = set(start_jobs(worker, reserve))
+    except BaseException:
+        for hold in holds.values():
+            budget.release_job_now(hold, 0)
+        raise
+    for job_id in set(holds) - runnable:
+        budget.release_job_now(holds.pop(job_id), 0)
     refused = [job.id for job in jobs if job.id not in runnable]
-    return [job for job in jobs if job.id in runnable], refused, snapshot
+    return [job for job in jobs if job.id in runnable], refused, snapshot, holds
 
 
 def retry_due_soon() -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.call import Route
-from gateway.errors import BALANCE_TOO_LOW, BLOCKED_BY_RULE, NO_ACCESS, Denial, modality_label
-from gateway.policy import Authorized, BadRequest, authorize, route_tier, validate_body
+from gateway.errors import BLOCKED_BY_RULE, NO_ACCESS, Denial, modality_label
+from gateway.policy import BadRequest, authorize, route_tier, validate_body
 from gateway.queue import is_retryable
 from gateway.snapshot import EndpointEntry, KeyEntry, ModelEntry, Snapshot
 
@@ -36,12 +36,11 @@ def key(purpose: str = "realtime", user_id: int = 1) -> KeyEntry:
     return KeyEntry(id=1, user_id=user_id, purpose=purpose, expires_at=None, requests_per_second=None, burst_size=None)
 
 
-def snapshot(*models: ModelEntry, groups=(10,), funded=(1,)) -> Snapshot:  # type: ignore[no-untyped-def]
+def snapshot(*models: ModelEntry, groups=(10,)) -> Snapshot:  # type: ignore[no-untyped-def]
     return Snapshot(
         version="v",
         models={m.alias: m for m in models},
         user_groups={1: frozenset(groups)},
-        funded_users=frozenset(funded),
     )
 
 
@@ -91,7 +90,7 @@ def test_a_valid_body_yields_its_model():
 
 def test_group_access_comes_before_rules_and_balance():
     blocked = model("m", groups=(99,), rules={"realtime": ("deny", "")})
-    assert authorize(snapshot(blocked, funded=()), key(), blocked, "realtime") == Denial(NO_ACCESS, "m")
+    assert authorize(snapshot(blocked), key(), blocked, "realtime") == Denial(NO_ACCESS, "m")
 
 
 def test_a_public_model_needs_no_group():
@@ -101,7 +100,7 @@ def test_a_public_model_needs_no_group():
 
 def test_a_deny_rule_for_the_keys_purpose_comes_before_balance():
     denied_model = model("m", rules={"batch": ("deny", "")})
-    decision = authorize(snapshot(denied_model, funded=()), key("batch"), denied_model, "realtime")
+    decision = authorize(snapshot(denied_model), key("batch"), denied_model, "realtime")
     assert decision == Denial(BLOCKED_BY_RULE, "m", "batch")
 
 
@@ -113,19 +112,8 @@ def test_a_rule_for_another_purpose_does_not_apply():
 def test_redirect_serves_the_target_and_checks_its_price():
     free = model("free", paid=())
     source = model("m", rules={"realtime": ("redirect", "free")})
-    decision = authorize(snapshot(source, free, funded=()), key(), source, "realtime")
+    decision = authorize(snapshot(source, free), key(), source, "realtime")
     assert decision.model.alias == "free" and decision.requested_alias == "m"
-
-
-def test_paid_model_without_balance_is_denied_but_free_is_not():
-    paid, free = model("m"), model("free", paid=())
-    assert authorize(snapshot(paid, free, funded=()), key(), paid, "realtime") == Denial(BALANCE_TOO_LOW, "m")
-    assert not isinstance(authorize(snapshot(paid, free, funded=()), key(), free, "realtime"), Denial)
-
-
-def test_balance_gate_uses_the_tier_served():
-    flex_free = model("m", paid=("realtime",))
-    assert not isinstance(authorize(snapshot(flex_free, funded=()), key(), flex_free, "flex"), Denial)
 
 
 @pytest.mark.parametrize(
@@ -141,12 +129,6 @@ def test_balance_gate_uses_the_tier_served():
 )
 def test_modality_labels(purpose, label):
     assert modality_label(purpose) == label
-
-
-def test_a_paid_flex_call_from_an_unfunded_user_is_refused():
-    paid = model("m", paid=("flex",))
-    assert authorize(snapshot(paid, funded=()), key(), paid, "flex") == Denial(BALANCE_TOO_LOW, "m")
-    assert isinstance(authorize(snapshot(paid, funded=()), key(), paid, "realtime"), Authorized)
 
 
 @pytest.mark.parametrize(

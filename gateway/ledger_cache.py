@@ -1,0 +1,219 @@
+"""Committed credits, shared by every gateway process and worker: in memory, or in Redis.
+
+An *account* is what a call may spend against: a user's balance, or one window of a key's spend
+limit. Each account holds, in integer nano-credits:
+
+- ``b``, its base, with the version ``v`` it came from: a user's balance as last read from the
+  database (a newer version replaces an older one, never the reverse), or a key's limit minus
+  what the database had charged in the window when the account was first seen;
+- ``s``, charges recorded but not yet in the base: a user's calls priced but not yet written, or
+  everything a key spent in its window (its base never moves);
+- ``c:<process>``, the reservations of calls in flight in each process. A process renews a lease
+  while it lives; the reservations of one whose lease lapsed are dropped by the next reader, so a
+  killed process never keeps credits from its users.
+
+A call is admitted while ``b - s - Σc`` is above zero and covers the call's bounded reservation,
+on every account it spends against, in one atomic step (one Lua script, one round trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its lease
+LEASE_SECONDS = 30
+RENEW_SECONDS = 5
+ACCOUNT_TTL_SECONDS = 40 * 86400  # longer than any spend window
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """An account's base as the caller knows it: used when newer than the one held."""
+
+    account: str
+    version: int
+    base: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    account: str
+    available: int
+
+
+# --- in memory: one process ------------------------------------------------------------------
+
+
+class MemoryCache:
+    def __init__(self) -> None:
+        self.accounts: dict[str, list[int]] = {}  # account -> [version, base, recorded, reserved]
+        self.lock = threading.Lock()
+
+    def _account(self, seed: Seed) -> list[int]:
+        state = self.accounts.get(seed.account)
+        if state is None:
+            state = self.accounts[seed.account] = [seed.version, seed.base, 0, 0]
+        elif seed.version > state[0]:
+            state[0], state[1] = seed.version, seed.base
+        return state
+
+    def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
+        with self.lock:
+            states = [self._account(seed) for seed in seeds]
+            for seed, (_, base, recorded, reserved) in zip(seeds, states, strict=True):
+                available = base - recorded - reserved
+                if available <= 0 or available < need:
+                    return Refusal(seed.account, available)
+            for state in states:
+                state[3] += nanos
+            return None
+
+    def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        with self.lock:
+            state = self.accounts.setdefault(account, [-1, 0, 0, 0])
+            state[3] += reserved
+            state[2] = max(state[2] + recorded, 0)
+
+    def seen(self, seed: Seed) -> None:
+        with self.lock:
+            self._account(seed)
+
+    async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
+        return self.reserve(seeds, nanos, need)
+
+    async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        self.move(account, reserved=reserved, recorded=recorded)
+
+
+# --- in Redis: every process --------------------------------------------------------------------
+
+_SEED = """
+local function seed(key, version, base)
+  local held = tonumber(redis.call('HGET', key, 'v') or '-1')
+  if tonumber(version) > held then redis.call('HSET', key, 'v', version, 'b', base) end
+end
+"""
+
+# KEYS: accounts. ARGV: process, lease prefix, nanos, need, ttl, then version and base per account.
+_RESERVE = (
+    _SEED
+    + """
+local available = {}
+for i, key in ipairs(KEYS) do
+  seed(key, ARGV[4 + 2 * i], ARGV[5 + 2 * i])
+  local fields = redis.call('HGETALL', key)
+  local total = 0
+  local base = 0
+  for j = 1, #fields, 2 do
+    local name, value = fields[j], tonumber(fields[j + 1])
+    if name == 'b' then base = value
+    elseif name == 's' then total = total + value
+    elseif string.sub(name, 1, 2) == 'c:' then
+      local owner = string.sub(name, 3)
+      if owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
+        redis.call('HDEL', key, name)
+      else
+        total = total + value
+      end
+    end
+  end
+  available[i] = base - total
+  if available[i] <= 0 or available[i] < tonumber(ARGV[4]) then
+    return {i, tostring(available[i])}
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'c:' .. ARGV[1], ARGV[3])
+  redis.call('EXPIRE', key, ARGV[5])
+end
+return {0, '0'}
+"""
+)
+
+# KEYS: the account. ARGV: process, reserved delta, recorded delta, ttl.
+_MOVE = """
+if tonumber(ARGV[2]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'c:' .. ARGV[1], ARGV[2]) end
+if tonumber(ARGV[3]) ~= 0 then
+  local recorded = redis.call('HINCRBY', KEYS[1], 's', ARGV[3])
+  if recorded < 0 then redis.call('HSET', KEYS[1], 's', 0) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+"""
+
+
+class RedisCache:
+    """The same accounts in Redis hashes, so the bound holds across processes. The hot path uses
+    the asyncio client; threads (the usage writer, flex workers) use the blocking one."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+        import redis.asyncio
+
+        self.prefix = f"{prefix}:credits:"
+        self.lease = f"{prefix}:credits-lease:"
+        self.sync = redis.Redis.from_url(url)
+        self.aio = redis.asyncio.Redis.from_url(url)
+        self.reserve_script = self.aio.register_script(_RESERVE)
+        self.sync_reserve_script = self.sync.register_script(_RESERVE)
+        self.move_script = self.sync.register_script(_MOVE)
+        self.amove_script = self.aio.register_script(_MOVE)
+        self.seed_script = self.sync.register_script(_SEED + "seed(KEYS[1], ARGV[1], ARGV[2])")
+        self.renewed = 0.0
+        self.renew()
+        threading.Thread(target=self._keep_lease, name="credits-lease", daemon=True).start()
+
+    def renew(self) -> None:
+        self.sync.set(self.lease + PROCESS, 1, ex=LEASE_SECONDS)
+        self.renewed = time.monotonic()
+
+    def _keep_lease(self) -> None:
+        while True:
+            time.sleep(RENEW_SECONDS)
+            try:
+                self.renew()
+            except Exception:
+                logger.warning("Could not renew this process's credit lease; retrying", exc_info=True)
+
+    def _reserve_args(self, seeds: list[Seed], nanos: int, need: int) -> tuple[list[str], list[Any]]:
+        args: list[Any] = [PROCESS, self.lease, nanos, need, ACCOUNT_TTL_SECONDS]
+        for seed in seeds:
+            args += [seed.version, seed.base]
+        return [self.prefix + seed.account for seed in seeds], args
+
+    @staticmethod
+    def _refusal(seeds: list[Seed], answer: list[Any]) -> Refusal | None:
+        index = int(answer[0])
+        return None if index == 0 else Refusal(seeds[index - 1].account, int(float(answer[1])))
+
+    async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
+        keys, args = self._reserve_args(seeds, nanos, need)
+        return self._refusal(seeds, await self.reserve_script(keys=keys, args=args))
+
+    def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
+        keys, args = self._reserve_args(seeds, nanos, need)
+        return self._refusal(seeds, self.sync_reserve_script(keys=keys, args=args))
+
+    def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+
+    async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        await self.amove_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+
+    def seen(self, seed: Seed) -> None:
+        self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])
+
+
+@cache
+def ledger_cache() -> MemoryCache | RedisCache:
+    if settings.REDIS_URL:
+        return RedisCache(settings.REDIS_URL, settings.REDIS_PREFIX)
+    return MemoryCache()
