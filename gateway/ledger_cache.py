@@ -18,10 +18,12 @@ on every account it spends against, in one atomic step (one Lua script, one roun
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -156,20 +158,30 @@ class RedisCache:
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis
-        import redis.asyncio
 
         self.prefix = f"{prefix}:credits:"
         self.lease = f"{prefix}:credits-lease:"
+        self.url = url
         self.sync = redis.Redis.from_url(url)
-        self.aio = redis.asyncio.Redis.from_url(url)
-        self.reserve_script = self.aio.register_script(_RESERVE)
         self.sync_reserve_script = self.sync.register_script(_RESERVE)
         self.move_script = self.sync.register_script(_MOVE)
-        self.amove_script = self.aio.register_script(_MOVE)
+        # An asyncio client belongs to one event loop (the gateway's, a flex worker's): one per loop.
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.seed_script = self.sync.register_script(_SEED + "seed(KEYS[1], ARGV[1], ARGV[2])")
         self.renewed = 0.0
         self.renew()
         threading.Thread(target=self._keep_lease, name="credits-lease", daemon=True).start()
+
+    def _scripts(self) -> tuple[Any, Any]:
+        """The reserve and move scripts on this event loop's client."""
+        loop = asyncio.get_running_loop()
+        scripts = self.loops.get(loop)
+        if scripts is None:
+            import redis.asyncio
+
+            client = redis.asyncio.Redis.from_url(self.url)
+            scripts = self.loops[loop] = (client.register_script(_RESERVE), client.register_script(_MOVE))
+        return scripts
 
     def renew(self) -> None:
         self.sync.set(self.lease + PROCESS, 1, ex=LEASE_SECONDS)
@@ -196,7 +208,7 @@ class RedisCache:
 
     async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
         keys, args = self._reserve_args(seeds, nanos, need)
-        return self._refusal(seeds, await self.reserve_script(keys=keys, args=args))
+        return self._refusal(seeds, await self._scripts()[0](keys=keys, args=args))
 
     def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
         keys, args = self._reserve_args(seeds, nanos, need)
@@ -206,7 +218,7 @@ class RedisCache:
         self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
 
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
-        await self.amove_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+        await self._scripts()[1](keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
 
     def seen(self, seed: Seed) -> None:
         self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])

@@ -31,6 +31,19 @@ FLEX_COST = (FLEX_IN * PROMPT_TOKENS + FLEX_OUT * COMPLETION_TOKENS) / Decimal(1
 HELLO = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_credit_accounts() -> None:
+    """Credit accounts in Redis are keyed by user id: a test database made again reuses the ids."""
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        for key in client.scan_iter(f"{settings.REDIS_PREFIX}:credits:*"):
+            client.delete(key)
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[FakeUpstream]:
     server = FakeUpstream().start()

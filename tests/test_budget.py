@@ -1,0 +1,187 @@
+"""Credit admission: a balance that covers N calls serves N, whatever the timing and the concurrency."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import openai
+import pytest
+
+from accounts.models import ApiKey
+from billing.models import Balance
+from billing.services import create_user
+from gateway import budget
+from gateway.accounting import accountant
+from gateway.ledger_cache import MemoryCache, Seed
+from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, wait_for
+from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
+
+pytestmark = pytest.mark.django_db(transaction=True)
+COST = (PRICE_IN * PROMPT_TOKENS + PRICE_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
+
+
+def statuses(world, secret: str, calls: int, concurrency: int, **body) -> list[int]:  # type: ignore[no-untyped-def]
+    client = world.client(secret)
+
+    def one(_: int) -> int:
+        try:
+            client.chat.completions.create(model="gpt-test", messages=HELLO, **body)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(calls)))
+
+
+@pytest.fixture
+def covers_three(world, make_key):  # type: ignore[no-untyped-def]
+    """A user whose balance covers exactly three calls, and a key of theirs."""
+    user = create_user("carol", credits=3 * COST, groups=["research"])
+    return user, make_key(user)
+
+
+def balance_of(user) -> Decimal:  # type: ignore[no-untyped-def]
+    accountant.flush()
+    return Balance.objects.amount_of(user)
+
+
+def test_sequential_calls_serve_exactly_what_the_balance_covers(world, covers_three):
+    user, secret = covers_three
+    # Far faster than the usage writer's flush: the gate must see charges not yet written.
+    assert statuses(world, secret, 6, 1) == [200, 200, 200, 402, 402, 402]
+    assert balance_of(user) == 0
+
+
+def test_concurrent_calls_overspend_by_at_most_the_calls_in_flight(world, covers_three):
+    user, secret = covers_three
+    concurrency = 16
+    served = statuses(world, secret, 40, concurrency).count(200)
+    assert 3 <= served <= 3 + concurrency
+    assert balance_of(user) == 3 * COST - served * COST
+    assert statuses(world, secret, 1, 1) == [402]
+
+
+def test_with_max_tokens_on_every_call_the_balance_never_goes_below_zero(world, covers_three):
+    user, secret = covers_three
+    served = statuses(world, secret, 40, 16, max_tokens=COMPLETION_TOKENS).count(200)
+    assert served >= 1
+    assert balance_of(user) >= 0
+
+
+def test_calls_held_in_flight_keep_their_reservation(world, covers_three):
+    """Bounded calls held at the upstream: each holds its worst case, so the fourth finds no room."""
+    _, secret = covers_three
+    client = world.client(secret)
+    with ThreadPoolExecutor(2) as pool:
+        held = [
+            pool.submit(client.chat.completions.create, model="held", messages=HELLO, max_tokens=COMPLETION_TOKENS)
+            for _ in range(2)
+        ]
+        wait_for(lambda: world.upstream.in_flight == 2)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=3 * COMPLETION_TOKENS)
+        world.upstream.release.set()
+        assert all(call.result() for call in held)
+    assert refused.value.status_code == 402
+    assert refused.value.body["code"] == "insufficient_credits"
+
+
+def test_a_grant_reaches_admission_at_once(world, covers_three):
+    from billing.services import grant_credits
+
+    user, secret = covers_three
+    assert statuses(world, secret, 4, 1)[-1] == 402
+    grant_credits(user, COST)
+    assert statuses(world, secret, 2, 1) == [200, 402]
+
+
+def test_a_key_spend_limit_is_402_with_its_reset_time(world, user_with_credits, make_key):
+    secret = make_key(user_with_credits, name="capped")
+    key = ApiKey.objects.get(name="capped")
+    key.spend_limit, key.spend_window = 2 * COST, "day"
+    key.save()
+    client = world.client(secret)
+    wait_for(lambda: statuses(world, secret, 1, 1) == [402], timeout=15)  # the snapshot learns of the limit
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="gpt-test", messages=HELLO)
+    tomorrow = budget.window_of("day", datetime.now(UTC))[1]
+    assert refused.value.status_code == 402
+    assert refused.value.body["code"] == "spend_limit_exceeded"
+    assert refused.value.body["message"] == (
+        f"This API key has reached its spend limit of {2 * COST:f} credits per day. "
+        f"It resets at {tomorrow:%Y-%m-%dT%H:%M:%S}Z."
+    )
+    # Another key of the same user still spends.
+    assert statuses(world, make_key(user_with_credits), 1, 1) == [200]
+
+
+# --- the rules, one by one -------------------------------------------------------------------------
+
+
+def test_a_reservation_is_the_worst_case_when_bounded(world):
+    from gateway.snapshot import get_snapshot
+
+    model = get_snapshot().models["gpt-test"]
+    body = {"model": "gpt-test", "messages": HELLO, "max_tokens": 100}
+    nanos, bounded = budget.reservation(model, "realtime", body, 400)
+    assert bounded and nanos == budget.to_nanos((PRICE_IN * 101 + PRICE_OUT * 100) / Decimal(1_000_000))
+    nanos, bounded = budget.reservation(model, "realtime", {"model": "gpt-test"}, 400)
+    assert not bounded and nanos == budget.to_nanos(PRICE_IN * 101 / Decimal(1_000_000))
+
+
+@pytest.mark.parametrize(
+    ("window", "now", "start", "end"),
+    [
+        (
+            "day",
+            datetime(2026, 12, 31, 23, 59, tzinfo=UTC),
+            datetime(2026, 12, 31, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (
+            "week",
+            datetime(2026, 12, 2, 8, tzinfo=UTC),
+            datetime(2026, 11, 30, tzinfo=UTC),
+            datetime(2026, 12, 7, tzinfo=UTC),
+        ),
+        (
+            "month",
+            datetime(2026, 12, 15, tzinfo=UTC),
+            datetime(2026, 12, 1, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (
+            "month",
+            datetime(2027, 2, 28, 12, tzinfo=UTC),
+            datetime(2027, 2, 1, tzinfo=UTC),
+            datetime(2027, 3, 1, tzinfo=UTC),
+        ),
+    ],
+)
+def test_spend_windows_are_utc_calendar_windows(window, now, start, end):
+    assert budget.window_of(window, now) == (start, end)
+
+
+def test_the_cache_admits_while_room_is_left_and_a_newer_base_wins():
+    cache = MemoryCache()
+    seed = Seed("u1", 1, 100)
+    assert cache.reserve([seed], 60, 0) is None
+    assert cache.reserve([seed], 60, 0) is None  # unbounded: room was left (40)
+    assert cache.reserve([seed], 60, 0) is not None  # nothing left
+    cache.move("u1", reserved=-120, recorded=100)  # both calls cost 50
+    assert cache.reserve([seed], 1, 0) is not None
+    cache.seen(Seed("u1", 0, 1_000))  # an older version changes nothing
+    assert cache.reserve([seed], 1, 0) is not None
+    cache.seen(Seed("u1", 2, 150))  # the charges are written and 150 credited: 150 - 100 recorded
+    assert cache.reserve([seed], 1, 60) is not None  # a bound of 60 does not fit in 50
+    assert cache.reserve([seed], 1, 50) is None
+
+
+def test_a_refusal_names_the_account_that_refused():
+    cache = MemoryCache()
+    refusal = cache.reserve([Seed("u1", 1, 100), Seed("k1", 0, 10)], 20, 20)
+    assert refusal is not None and refusal.account == "k1"
+    assert cache.reserve([Seed("u1", 1, 100)], 100, 100) is None  # nothing was held by the refused call
