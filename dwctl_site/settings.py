@@ -133,6 +133,11 @@ GATEWAY_SNAPSHOT_POLL_SECONDS = float(env_int("GATEWAY_SNAPSHOT_POLL_MS", 250)) 
 # commit shares the gateway's core (SQLite): 500 ms measured ~5 % more throughput than 200 ms
 # with a 100 ms upstream (bench/README.md), and still charges within half a second.
 GATEWAY_ACCOUNTING_FLUSH_SECONDS = float(env_int("GATEWAY_ACCOUNTING_FLUSH_MS", 500)) / 1000
+# A client that leaves a relayed stream: how long the upstream is read on to learn its usage.
+GATEWAY_STREAM_DRAIN_SECONDS = float(env_int("GATEWAY_STREAM_DRAIN_SECONDS", 30, minimum=0))
+# Where each process journals its finished calls until they are written (gateway/journal.py): a
+# local directory every gateway process and worker of one host shares.
+GATEWAY_JOURNAL_DIR = os.environ.get("GATEWAY_JOURNAL_DIR", "") or str(BASE_DIR / "journal")
 # Upstream connections per process, and the library under gateway/clients.py.
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000)
 GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp")

@@ -2,10 +2,12 @@
 
 A finished call becomes a :class:`CallRecord`. :func:`account` prices it (tariff of its tier in
 force when it started → cost), charges it, logs it and puts the cost on its job record.
-Real-time calls reach it in batches off the request path: appended to an in-memory list, which
-a task on the event loop writes every ``GATEWAY_ACCOUNTING_FLUSH_SECONDS`` in one transaction
-(whatever is left is written at shutdown). The flex worker calls it inside the transaction that
-settles its jobs. Charges are keyed by request id, so writing a record twice never charges twice.
+Real-time calls reach it in batches off the request path: appended to this process's journal
+(gateway.journal) before the client has the call's last byte, and written from there every
+``GATEWAY_ACCOUNTING_FLUSH_SECONDS``, one transaction per journal segment (whatever is left is
+written at shutdown, or by the next process after a crash). The flex worker calls it inside the
+transaction that settles its jobs. Charges are keyed by request id, so writing a record twice
+never charges twice.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -29,10 +33,13 @@ from billing.services import Usage, charge_usages, cost_of, select_tariff
 from common.bulk import insert_rows
 from gateway import budget
 from gateway.db import in_thread
+from gateway.journal import Segment, journal
 from gateway.ledger_cache import PROCESS
 from gateway.models import InferenceRequest, RequestLog
 
 logger = logging.getLogger(__name__)
+# Every this many flush intervals, look for journals left by processes that died.
+ORPHAN_ROUNDS = 20
 
 
 @dataclass(slots=True)
@@ -56,6 +63,14 @@ class CallRecord:
     usage_estimated: bool = False  # the upstream reported no usage: tokens are the gateway's own count
     committed: int = 0  # nano-credits credit admission holds for it until it is written (gateway.budget)
     process: str = PROCESS  # the process that recorded it
+
+    @classmethod
+    def from_line(cls, line: dict[str, Any]) -> CallRecord:
+        """A record as the journal holds it (gateway.journal)."""
+        line["started_at"] = datetime.fromisoformat(line["started_at"])
+        if line["job_id"] is not None:
+            line["job_id"] = uuid.UUID(line["job_id"])
+        return cls(**line)
 
     @property
     def billable(self) -> bool:
@@ -175,48 +190,70 @@ def write_records(records: list[CallRecord]) -> None:
 
 
 class _Accountant:
+    """Journals each finished call at once and writes the journal to the database in batches."""
+
     def __init__(self) -> None:
-        self.pending: list[CallRecord] = []
         self.flusher: asyncio.Task[None] | None = None
-        # Held while a batch is written, so flush() returns only when everything taken is written.
+        # Held while segments are written, so flush() returns only when everything sealed is written.
         self.writing = threading.Lock()
 
     def add(self, record: CallRecord) -> None:
-        self.pending.append(record)
+        journal().append(record)
         loop = asyncio.get_running_loop()
         if self.flusher is None or self.flusher.done() or self.flusher.get_loop() is not loop:
             self.flusher = loop.create_task(self._run())
 
-    def _take(self) -> list[CallRecord]:
-        batch, self.pending = self.pending, []
-        return batch
+    @property
+    def pending(self) -> int:
+        """Journal segments not yet written."""
+        return journal().backlog
+
+    def _write(self, segment: Segment) -> None:
+        records = [CallRecord.from_line(line) for line in segment.lines()]
+        if records:
+            write_records(records)
+            budget.written((r.user_id, r.committed, r.process) for r in records)
 
     def flush(self) -> None:
-        """Write everything pending now (sync: shutdown, tests)."""
+        """Write every sealed segment of this process, oldest first (sync: the flusher, shutdown,
+        tests). A failure leaves the rest on disk for the next flush; request ids make writing a
+        segment again harmless."""
         with self.writing:
-            batch = self._take()
-            if not batch:
-                return
-            try:
-                write_records(batch)
-            except Exception:
-                # Keep them for the next flush; request ids make writing them again harmless.
-                self.pending[:0] = batch
-                raise
-            budget.written((r.user_id, r.committed, r.process) for r in batch)
+            for segment in journal().seal():
+                self._write(segment)
+                journal().done(segment)
+
+    def drain_orphans(self) -> int:
+        """Write the journals of processes that died; returns how many segments."""
+        drained = 0
+        with self.writing:
+            for segment in journal().orphans():
+                try:
+                    self._write(segment)
+                except Exception:
+                    os.close(segment.fd)  # unlocked: the next look tries it again
+                    raise
+                segment.remove()
+                drained += 1
+        if drained:
+            logger.warning("Wrote %d journal segments left by processes that stopped", drained)
+        return drained
 
     async def aflush(self) -> None:
         await in_thread(self.flush)
 
     async def _run(self) -> None:
+        rounds = 0
         while True:
-            await asyncio.sleep(settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS)
-            if not self.pending:
-                continue
             try:
-                await in_thread(self.flush)
+                if rounds % ORPHAN_ROUNDS == 0:
+                    await in_thread(self.drain_orphans)
+                rounds += 1
+                await asyncio.sleep(settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS)
+                if journal().backlog:
+                    await in_thread(self.flush)
             except Exception:
-                logger.exception("Could not write call records; will retry")
+                logger.exception("Could not write call records; they wait in the journal")
 
 
 accountant = _Accountant()
@@ -228,4 +265,4 @@ def _flush_at_exit() -> None:
         try:
             accountant.flush()
         except Exception:
-            logger.exception("Lost %d call records at exit", len(accountant.pending))
+            logger.exception("Could not write the journal at exit; the next process will")

@@ -33,6 +33,7 @@ class GatewayCall:
     route: Route = Route.REALTIME
     body_bytes: int = 0  # the size of the request body, for estimating its input tokens
     hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
+    relaying: bool = False  # its upstream's stream is being relayed: a client that leaves is not waited for
 
     @property
     def stream(self) -> bool:

@@ -10,8 +10,9 @@ database manages its own connections in worker threads. So this handler:
 - reads the body into memory with the size limit enforced while reading (413 early);
 - sends no request signals and closes the response on the event loop.
 
-It keeps Django's disconnect handling: a client that goes away cancels the view, and so
-closes the upstream stream it was relaying.
+It keeps Django's disconnect handling: a client that goes away cancels the view — except that a
+relayed stream is read on for up to ``GATEWAY_STREAM_DRAIN_SECONDS``, so the upstream's usage
+arrives and is billed, before it is cut.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class GatewayHandler(ASGIHandler):
         serving = asyncio.create_task(respond())
         listening = asyncio.create_task(self.listen_for_disconnect(receive))
         await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)
+        call = getattr(request, "gateway", None)
+        if not serving.done() and call is not None and call.relaying:
+            # The client left a relayed stream: read the upstream on (into the void) for a while, so
+            # the call's usage is known and billed; past that, cut it and bill what went out.
+            await asyncio.wait([serving], timeout=settings.GATEWAY_STREAM_DRAIN_SECONDS)
         for task in (listening, serving):
             if not task.done():
                 task.cancel()
@@ -119,13 +125,19 @@ async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-
 
 
 async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-    """ASGI lifespan: write pending usage and close the upstream client at shutdown."""
+    """ASGI lifespan: write the journals of processes that died at start; write this process's
+    journal and close the upstream client at shutdown."""
     from gateway import clients
     from gateway.accounting import accountant
+    from gateway.db import in_thread
 
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            try:
+                await in_thread(accountant.drain_orphans)
+            except Exception:
+                logger.exception("Could not write journals left by stopped processes; will retry")
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -125,23 +125,32 @@ def error_message(result: UpstreamResult) -> str:
 # --- streams -------------------------------------------------------------------------------------
 
 
-class SSEUsage:
-    """Watches a passing SSE stream, event by event, for the last event that carries usage."""
+FINAL_EVENTS = (b"data: [DONE]", b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
 
-    __slots__ = ("buffer", "usage_event")
+
+class SSEUsage:
+    """Watches a passing SSE stream, event by event: the last event that carries usage, whether the
+    stream's final event has passed, and how many events went by (the gateway's own count)."""
+
+    __slots__ = ("buffer", "events", "finished", "usage_event")
 
     def __init__(self) -> None:
         self.buffer = b""
         self.usage_event: bytes | None = None
+        self.finished = False
+        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
         self.buffer += chunk
         if b"\n\n" not in self.buffer:
             return
         *events, self.buffer = self.buffer.split(b"\n\n")
+        self.events += len(events)
         for event in events:
             if b'"usage"' in event:
                 self.usage_event = event
+            if event.startswith(FINAL_EVENTS):
+                self.finished = True
 
     def data(self) -> Any:
         """The JSON data of the last event that carried usage, if any."""
@@ -156,24 +165,36 @@ class SSEUsage:
         return usage_tokens(self.data())
 
 
+StreamEnded = Callable[[int, SSEUsage, float | None, bool], None]
+
+
 async def relay_stream(
     chunks: AsyncGenerator[bytes],
     status: int,
-    on_end: Callable[[int, SSEUsage, float | None], None],
+    on_end: StreamEnded,
     transform: Callable[[bytes], bytes] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Pass an upstream SSE stream through chunk by chunk; report its end (also on disconnect) to `on_end`."""
+    """Pass an upstream SSE stream through chunk by chunk, and report its end to `on_end` once:
+    before the final event goes out, so a finished call is on record before its client has all
+    of it. `on_end` also hears whether the stream was cut short before its usage arrived (a
+    client that left and was not waited for, see gateway.handler): then only the gateway's own
+    count of what passed is known."""
     started = time.perf_counter()
     watcher = SSEUsage()
     ttfb_ms = None
+    ended = False
     try:
         async for chunk in chunks:
             if ttfb_ms is None:
                 ttfb_ms = (time.perf_counter() - started) * 1000
             watcher.feed(chunk)
+            if watcher.finished and not ended:
+                ended = True
+                on_end(status, watcher, ttfb_ms, False)
             yield transform(chunk) if transform else chunk
     except clients.UpstreamError as exc:
         status = failure_of(exc).status
     finally:
         await chunks.aclose()
-        on_end(status, watcher, ttfb_ms)
+        if not ended:
+            on_end(status, watcher, ttfb_ms, watcher.usage_event is None and not watcher.finished)

@@ -49,7 +49,14 @@ _background: dict[uuid.UUID, asyncio.Task[None]] = {}
 _finishing: set[asyncio.Task[Any]] = set()
 
 
-def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None), ttfb_ms: float | None = None) -> None:
+def record_call(
+    call: GatewayCall,
+    status: int,
+    *,
+    tokens: Tokens = (None, None),
+    ttfb_ms: float | None = None,
+    estimated: bool = False,
+) -> None:
     """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
     cost replaces its credit reservation."""
     model = call.served
@@ -70,6 +77,7 @@ def record_call(call: GatewayCall, status: int, *, tokens: Tokens = (None, None)
             input_tokens=tokens[0],
             output_tokens=tokens[1],
             job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
+            usage_estimated=estimated,
             committed=committed,
         )
     )
@@ -167,14 +175,18 @@ async def stream(
             await on_end(StreamEnd(result.status, parse_json(result.body), result.tokens, error))
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
-    def ended(status: int, usage: SSEUsage, ttfb_ms: float | None) -> None:
-        record_call(call, status, tokens=usage.tokens(), ttfb_ms=ttfb_ms)
+    def ended(status: int, usage: SSEUsage, ttfb_ms: float | None, cut: bool) -> None:
+        tokens, estimated = usage.tokens(), False
+        if cut and status < 400 and usage.events:
+            # Bill what went out: the input estimate and an event per output token.
+            tokens, estimated = (budget.estimate_input_tokens(call.body_bytes), usage.events), True
+        record_call(call, status, tokens=tokens, ttfb_ms=ttfb_ms, estimated=estimated)
         if on_end is not None:
             body = final(usage) if final is not None else None
             end = StreamEnd(status, body, usage.tokens())
             if body is None or status >= 400:
-                cut = status if status >= 400 else 502
-                end = StreamEnd(cut, tokens=usage.tokens(), error=errors.STREAM_CUT_MESSAGE)
+                failed = status if status >= 400 else 502
+                end = StreamEnd(failed, tokens=usage.tokens(), error=errors.STREAM_CUT_MESSAGE)
             task = asyncio.get_running_loop().create_task(on_end(end))
             _finishing.add(task)
             task.add_done_callback(_finishing.discard)
@@ -182,6 +194,7 @@ async def stream(
     response = StreamingHttpResponse(
         relay_stream(chunks, head.status, ended, transform), content_type=head.content_type
     )
+    call.relaying = True  # a client that leaves now is not waited for (gateway.handler)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response

@@ -27,6 +27,7 @@ from django.conf import settings
 from django_q.conf import Conf
 
 from gateway import budget, clients
+from gateway.accounting import accountant
 from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
@@ -124,6 +125,7 @@ class Runner:
 
     async def sweep(self) -> None:
         try:
+            await in_thread(accountant.drain_orphans)  # a gateway process that died left its journal
             await announce(await in_thread(sweep_jobs))
         except Exception:
             logger.exception("The flex sweep failed; it runs again on the next round")

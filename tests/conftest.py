@@ -32,6 +32,17 @@ HELLO = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="session", autouse=True)
+def own_journal(tmp_path_factory) -> None:
+    """A journal directory for this test run, which the gateway processes it starts share."""
+    import os
+
+    from django.conf import settings
+
+    directory = str(tmp_path_factory.mktemp("journal"))
+    settings.GATEWAY_JOURNAL_DIR = os.environ["GATEWAY_JOURNAL_DIR"] = directory
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fresh_credit_accounts() -> None:
     """Credit accounts in Redis are keyed by user id: a test database made again reuses the ids."""
     from django.conf import settings
