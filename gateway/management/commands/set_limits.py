@@ -12,8 +12,8 @@ from gateway.models import MODEL_LIMITS, DeployedModel
 from gateway.services import set_model_limits
 
 COUNTS = {
-    "requests_per_second": "Calls per second (a token bucket).",
-    "burst_size": "Calls allowed at once above the rate (needs a rate).",
+    "requests_per_second": "Calls per second, on average.",
+    "burst_size": "Calls allowed at once (default: the rate; needs a rate).",
     "tokens_per_minute": "Input plus output tokens per rolling minute.",
 }
 
@@ -30,8 +30,10 @@ class Command(BaseCommand):
         key.add_argument("username")
         key.add_argument("key_name", metavar="keyname", help="The key's name (see the admin).")
         add_counts(key, COUNTS)
-        key.add_argument("--spend-limit", help="Credits per spend window (needs --spend-window, or a window set).")
-        key.add_argument("--spend-window", help="day, week or month (UTC calendar windows).")
+        key.add_argument(
+            "--spend-limit", metavar="AMOUNT", help="Credits per spend window (needs --spend-window, or a window set)."
+        )
+        key.add_argument("--spend-window", metavar="day|week|month", help="A UTC calendar window.")
         key.add_argument("--clear", action="store_true", help="Remove every limit, then set the given ones.")
 
         model = targets.add_parser("model", help="The limits of a deployed model.")
