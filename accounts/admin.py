@@ -12,7 +12,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
-from accounts.models import EVERYONE, AccessGroup, ApiKey, User
+from accounts.models import EVERYONE, KEY_LIMITS, AccessGroup, ApiKey, User
 from accounts.services import create_api_key, revoke_api_key
 
 # --- users ----------------------------------------------------------------------------------
@@ -171,20 +171,26 @@ class ApiKeyAdmin(admin.ModelAdmin):
     autocomplete_fields = ("owner",)
     exclude = ("secret_hash",)
     actions = ("revoke",)
-    add_fields = ("owner", "name", "purpose", "expires_at", "requests_per_second", "burst_size")
+    limits = (
+        "Limits",
+        {
+            "fields": (("requests_per_second", "burst_size"), "tokens_per_minute", ("spend_limit", "spend_window")),
+            "description": "Empty means no limit. A burst needs a rate; a spend limit needs its window (UTC).",
+        },
+    )
+    key_fields = ("owner", "prefix", "name", "purpose", "expires_at", "created_at", "last_used_at", "revoked_at")
+    add_fieldsets = ((None, {"fields": ("owner", "name", "purpose", "expires_at")}), limits)
+    change_fieldsets = ((None, {"fields": key_fields}), limits)
     change_readonly = ("owner", "prefix", "created_at", "revoked_at", "last_used_at")
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
-        if obj is None:
-            return self.add_fields
-        return ("owner", "prefix", "name", "purpose", "expires_at", "requests_per_second", "burst_size",
-                "created_at", "last_used_at", "revoked_at")  # fmt: skip
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        return self.add_fieldsets if obj is None else self.change_fieldsets
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         if obj is None:
             return ()
         if obj.revoked_at is not None:
-            return self.get_fields(request, obj)  # a revoked key is history
+            return (*self.key_fields, *KEY_LIMITS)  # a revoked key is history
         return self.change_readonly
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
@@ -213,6 +219,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
             expires_at=obj.expires_at,
             requests_per_second=obj.requests_per_second,
             burst_size=obj.burst_size,
+            tokens_per_minute=obj.tokens_per_minute,
+            spend_limit=obj.spend_limit,
+            spend_window=obj.spend_window,
         )
         # The admin goes on with `obj` (log entry, redirect): make it the saved key.
         for field in ("id", "secret_hash", "prefix", "created_at"):

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractUser
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.db.models.deletion import ProtectedError
 from django.utils import timezone
+
+from common.limits import rate_limit_errors
 
 EVERYONE = "Everyone"
 
@@ -80,6 +83,10 @@ class SpendWindow(models.TextChoices):
     MONTH = "month", "Month"
 
 
+# What `set_key_limits` changes and `--clear` resets.
+KEY_LIMITS = ("requests_per_second", "burst_size", "tokens_per_minute", "spend_limit", "spend_window")
+
+
 class ApiKey(models.Model):
     """A bearer secret for the API. Only its SHA-256 is stored; the secret is shown once."""
 
@@ -123,6 +130,18 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.name or self.purpose})"
+
+    def clean(self) -> None:
+        # The admin form and `set_key_limits` both validate here; the constraints above hold the same in the database.
+        errors = rate_limit_errors(self, ("requests_per_second", "burst_size", "tokens_per_minute"))
+        if self.spend_limit is not None and self.spend_limit <= 0:
+            errors["spend_limit"] = "Must be a positive number of credits, or empty for no limit."
+        elif self.spend_limit is not None and not self.spend_window:
+            errors["spend_window"] = "A spend limit needs a window: day, week or month."
+        elif self.spend_limit is None and self.spend_window:
+            errors["spend_limit"] = "A spend window needs a spend limit."
+        if errors:
+            raise ValidationError(errors)
 
     @property
     def is_revoked(self) -> bool:

@@ -5,11 +5,16 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 from datetime import datetime
+from decimal import Decimal
+from typing import TypedDict, Unpack
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import AccessGroup, ApiKey, Purpose, User
+from accounts.models import KEY_LIMITS, AccessGroup, ApiKey, Purpose, User
+from common.limits import save_validated
+from common.numbers import parse_amount
 
 SECRET_PREFIX = "sk-"  # noqa: S105  (a format marker, not a secret)
 DISPLAY_PREFIX_LENGTH = 10
@@ -32,6 +37,9 @@ def create_api_key(
     expires_at: datetime | None = None,
     requests_per_second: int | None = None,
     burst_size: int | None = None,
+    tokens_per_minute: int | None = None,
+    spend_limit: Decimal | None = None,
+    spend_window: str = "",
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its secret. The secret is never stored and never shown again."""
     if purpose not in Purpose.values:
@@ -46,8 +54,37 @@ def create_api_key(
         expires_at=expires_at,
         requests_per_second=requests_per_second,
         burst_size=burst_size,
+        tokens_per_minute=tokens_per_minute,
+        spend_limit=spend_limit,
+        spend_window=spend_window,
     )
     return api_key, secret
+
+
+class KeyLimits(TypedDict, total=False):
+    requests_per_second: int | None
+    burst_size: int | None
+    tokens_per_minute: int | None
+    spend_limit: Decimal | str | None
+    spend_window: str
+
+
+def set_key_limits(api_key: ApiKey, *, clear: bool = False, **limits: Unpack[KeyLimits]) -> ApiKey:
+    """Change the given limits of a key (with `clear`, after removing all of them), validated as in the admin.
+
+    Raises ValidationError and writes nothing if the result breaks a rule or the key is revoked.
+    """
+    if api_key.is_revoked:
+        raise ValidationError(f"Key {api_key.prefix}… is revoked: a revoked key's limits no longer change.")
+    values: dict[str, object] = dict(limits)
+    if limits.get("spend_limit") is not None:
+        try:
+            # Exact to the nano-credit, like every amount; normalized so `1.5000000000` fits 9 decimals.
+            values["spend_limit"] = parse_amount(limits["spend_limit"], what="spend limit").normalize()
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+    save_validated(api_key, KEY_LIMITS, values, reset=clear)
+    return api_key
 
 
 def revoke_api_key(api_key: ApiKey) -> ApiKey:

@@ -15,7 +15,6 @@ from accounts import services as accounts
 from accounts.models import User
 from billing.models import (
     CREDITING_KINDS,
-    NANO,
     Balance,
     CreditTransaction,
     Tariff,
@@ -25,21 +24,7 @@ from billing.models import (
 )
 from billing.signals import balance_changed
 from common.bulk import insert_rows
-
-
-def parse_amount(raw: object) -> Decimal:
-    """Parse a positive credit amount, exact to the nano-credit, or raise ValueError naming it."""
-    try:
-        amount = Decimal(str(raw).strip())
-    except InvalidOperation:
-        raise ValueError(f"'{raw}' is not a number.") from None
-    if not amount.is_finite() or amount <= 0:
-        raise ValueError(f"The amount must be a positive number, not '{raw}'.")
-    if amount >= 10**15:  # the ledger holds 24 digits, 9 of them decimals
-        raise ValueError(f"'{raw}' is too large: the amount must be below 1,000,000,000,000,000.")
-    if amount != amount.quantize(NANO):
-        raise ValueError(f"'{raw}' has more than 9 decimal places.")
-    return amount
+from common.numbers import parse_amount
 
 
 def _post(

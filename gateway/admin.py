@@ -129,8 +129,10 @@ class DeployedModelForm(forms.ModelForm):
             "kind",
             "requests_per_second",
             "burst_size",
+            "tokens_per_minute",
             "capacity",
             "flex_concurrency",
+            "max_output_tokens",
             "deleted_at",
         )
 
@@ -228,7 +230,18 @@ class DeployedModelAdmin(admin.ModelAdmin):
             },
         ),
         ("Access", {"fields": ("access_groups",)}),
-        ("Limits", {"fields": ("requests_per_second", "burst_size", "capacity", "flex_concurrency")}),
+        (
+            "Limits",
+            {
+                "fields": (
+                    ("requests_per_second", "burst_size"),
+                    "tokens_per_minute",
+                    ("capacity", "flex_concurrency"),
+                    "max_output_tokens",
+                ),
+                "description": "Empty means no limit. A burst needs a rate. Tokens count input plus output.",
+            },
+        ),
     )
     inlines = (TariffInline, TrafficRuleInline)
     actions = ("retire", "restore")

@@ -4,11 +4,13 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import AMOUNT, Tier
+from common.limits import rate_limit_errors
 
 
 class Endpoint(models.Model):
@@ -42,6 +44,17 @@ class ModelKind(models.TextChoices):
 class DeployedModelQuerySet(models.QuerySet["DeployedModel"]):
     def live(self) -> DeployedModelQuerySet:
         return self.filter(deleted_at__isnull=True)
+
+
+# What `set_model_limits` changes and `--clear` resets (flex concurrency to its default: it is never unlimited).
+MODEL_LIMITS = (
+    "requests_per_second",
+    "burst_size",
+    "tokens_per_minute",
+    "capacity",
+    "flex_concurrency",
+    "max_output_tokens",
+)
 
 
 class DeployedModel(models.Model):
@@ -79,6 +92,12 @@ class DeployedModel(models.Model):
 
     def __str__(self) -> str:
         return self.alias
+
+    def clean(self) -> None:
+        # The admin form and `set_model_limits` both validate here.
+        errors = rate_limit_errors(self, MODEL_LIMITS)
+        if errors:
+            raise ValidationError(errors)
 
 
 class JobState(models.TextChoices):

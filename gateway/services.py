@@ -1,9 +1,10 @@
-"""Catalog writes: the upstream endpoints and the models deployed on them."""
+"""Catalog writes: the upstream endpoints, the models deployed on them, and the models' limits."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import TypedDict, Unpack
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
@@ -13,7 +14,8 @@ from accounts.models import AccessGroup
 from accounts.services import ensure_groups
 from billing.models import Tier
 from billing.services import set_tariff
-from gateway.models import DeployedModel, Endpoint, ModelKind
+from common.limits import save_validated
+from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind
 
 
 @transaction.atomic
@@ -78,4 +80,23 @@ def add_model(
         attach.append(AccessGroup.objects.everyone())
     for group in attach:
         group.models.add(model)
+    return model
+
+
+class ModelLimits(TypedDict, total=False):
+    requests_per_second: int | None
+    burst_size: int | None
+    tokens_per_minute: int | None
+    capacity: int | None
+    flex_concurrency: int
+    max_output_tokens: int | None
+
+
+def set_model_limits(model: DeployedModel, *, clear: bool = False, **limits: Unpack[ModelLimits]) -> DeployedModel:
+    """Change the given limits of a model (with `clear`, after resetting all of them), validated as in the admin.
+
+    `clear` removes every limit but flex concurrency, which goes back to its default (it has no
+    "unlimited"). Raises ValidationError and writes nothing if the result breaks a rule.
+    """
+    save_validated(model, MODEL_LIMITS, dict(limits), reset=clear)
     return model
