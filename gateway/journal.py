@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ class Journal:
         return Segment(path, fd)
 
     def append(self, record: object) -> None:
-        line = orjson.dumps(asdict(record)) + b"\n"  # type: ignore[call-overload]
+        line = orjson.dumps(record) + b"\n"  # a dataclass
         with self.lock:
             if self.current is None:
                 self.current = self._open()

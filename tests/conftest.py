@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
@@ -29,6 +34,7 @@ FLEX_IN = Decimal("0.25")
 FLEX_OUT = Decimal("0.75")
 FLEX_COST = (FLEX_IN * PROMPT_TOKENS + FLEX_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 HELLO = [{"role": "user", "content": "hi"}]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,6 +93,39 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class GatewayProcess:
+    """The gateway as a process of its own (uvicorn, as in production) on this test's database."""
+
+    def __init__(self, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret", **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> GatewayProcess:
+        command = ["-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(self.port), "--log-level", "warning"]
+        self.process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=self.env)
+        wait_for(self.up, timeout=30, interval=0.2)
+        return self
+
+    def up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ai/v1/models", timeout=1).status_code == 401
+        except httpx.TransportError:
+            return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import httpx
 import pytest
 
 from accounts.models import ApiKey
 from accounts.services import revoke_api_key
-from tests.conftest import live_database_url, wait_for
-from tests.upstream import free_port
+from tests.conftest import GatewayProcess, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def second_gateway(world):  # type: ignore[no-untyped-def]
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(url), timeout=30, interval=0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ai/v1/models", timeout=1).status_code == 401
-    except httpx.TransportError:
-        return False
+    with GatewayProcess() as gateway:
+        yield gateway.url
 
 
 def test_revoked_key_is_refused_by_another_process(second_gateway, user_with_credits, make_key):
