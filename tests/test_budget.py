@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import openai
 import pytest
+from django.conf import settings
 
 from accounts.models import ApiKey
 from billing.models import Balance
@@ -15,7 +16,7 @@ from billing.services import create_user
 from gateway import budget
 from gateway.accounting import accountant
 from gateway.ledger_cache import MemoryCache, Seed
-from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, wait_for
+from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, GatewayProcess, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -185,3 +186,23 @@ def test_a_refusal_names_the_account_that_refused():
     refusal = cache.reserve([Seed("u1", 1, 100), Seed("k1", 0, 10)], 20, 20)
     assert refusal is not None and refusal.account == "k1"
     assert cache.reserve([Seed("u1", 1, 100)], 100, 100) is None  # nothing was held by the refused call
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="two processes share credits through Redis (set REDIS_URL)")
+def test_two_processes_sharing_redis_overspend_by_at_most_the_calls_in_flight(world, make_key):
+    user = create_user("dave", credits=10 * COST, groups=["research"])
+    secret = make_key(user)
+    per_process = 4
+    with GatewayProcess(GATEWAY_ACCOUNTING_FLUSH_MS="600000") as other:
+        clients = [world.client(secret), openai.OpenAI(base_url=f"{other.url}/ai/v1", api_key=secret, max_retries=0)]
+
+        def one(index: int) -> int:
+            try:
+                clients[index % 2].chat.completions.create(model="gpt-test", messages=HELLO)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        with ThreadPoolExecutor(2 * per_process) as pool:
+            served = list(pool.map(one, range(80))).count(200)
+    assert 10 <= served <= 10 + 2 * per_process
