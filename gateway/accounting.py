@@ -33,6 +33,7 @@ from billing.services import Usage, charge_usages, cost_of, select_tariff
 from common.bulk import insert_rows
 from gateway import budget
 from gateway.db import in_thread
+from gateway.jobs import record_response
 from gateway.journal import Segment, journal
 from gateway.ledger_cache import PROCESS
 from gateway.models import InferenceRequest, RequestLog
@@ -63,6 +64,7 @@ class CallRecord:
     usage_estimated: bool = False  # the upstream reported no usage: tokens are the gateway's own count
     committed: int = 0  # nano-credits credit admission holds for it until it is written (gateway.budget)
     process: str = PROCESS  # the process that recorded it
+    job: dict[str, Any] | None = None  # a /responses record the database could not take when the call ended
 
     @classmethod
     def from_line(cls, line: dict[str, Any]) -> CallRecord:
@@ -122,6 +124,9 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
     The one path for every tier: a usage ledger row and balance move per billable call (idempotent
     by source id), a request-log row per call, the cost on the call's job record, keys' last use.
     """
+    for r in records:
+        if r.job is not None and not InferenceRequest.objects.filter(pk=r.job["job_id"]).exists():
+            record_response(**r.job)
     costs = price(records)
     charge_usages(
         [
@@ -252,8 +257,8 @@ class _Accountant:
                 await asyncio.sleep(settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS)
                 if journal().backlog:
                     await in_thread(self.flush)
-            except Exception:
-                logger.exception("Could not write call records; they wait in the journal")
+            except Exception as exc:
+                logger.warning("Could not write call records; they wait in the journal: %s", exc)
 
 
 accountant = _Accountant()

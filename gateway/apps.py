@@ -6,4 +6,11 @@ class GatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
+        from django.conf import settings
+
         from gateway import signals  # noqa: F401  (snapshot invalidation receivers)
+
+        if "pool" in settings.DATABASES["default"].get("OPTIONS", {}):
+            from gateway.db import reconnect_steadily
+
+            reconnect_steadily()

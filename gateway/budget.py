@@ -153,8 +153,8 @@ class _Seeds:
             await asyncio.sleep(settings.GATEWAY_SNAPSHOT_POLL_SECONDS)
             try:
                 await in_thread(self.load)
-            except Exception:
-                logger.exception("Could not read changed balances; keeping the known ones")
+            except Exception as exc:
+                logger.warning("Could not read changed balances; keeping the known ones: %s", exc)
 
 
 _seeds = _Seeds()

@@ -26,6 +26,7 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     502: "upstream_error",
+    503: "server_error",
     504: "timeout",
 }
 
@@ -114,6 +115,15 @@ def spend_limit_reached(limit: str, window: str, resets_at: datetime) -> HttpRes
         f"This API key has reached its spend limit of {limit} credits per {window}. "
         f"It resets at {resets_at.isoformat().replace('+00:00', 'Z')}.",
         code="spend_limit_exceeded",
+    )
+
+
+def database_unavailable() -> HttpResponse:
+    return openai_error(
+        503,
+        "The gateway cannot reach its database right now. Please retry shortly.",
+        code="database_unavailable",
+        headers={"Retry-After": "2"},
     )
 
 

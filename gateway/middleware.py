@@ -13,6 +13,7 @@ from django.http.response import HttpResponseBase
 
 from gateway import budget, errors, flex, limits
 from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
+from gateway.db import DATABASE_ERRORS
 from gateway.errors import Denial, denied, render_denial
 from gateway.policy import (
     INFERENCE_PATHS,
@@ -66,7 +67,11 @@ class TierRoutingMiddleware(AsyncMiddleware):
     """Parse, authenticate, authorize, rate-limit and route each API request from the auth snapshot."""
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        response = await self.route(request)
+        try:
+            response = await self.route(request)
+        except DATABASE_ERRORS:  # the first snapshot, a flex submission: they need the database
+            logger.warning("The database is unavailable: answered 503", exc_info=True)
+            response = errors.database_unavailable()
         call = getattr(request, "gateway", None)
         if call is not None:
             # The id of every call past authentication; a /responses call's id is resp_<the same hex>.

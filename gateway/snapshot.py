@@ -224,8 +224,8 @@ async def _watch() -> None:
             version = await in_thread(read_version)
             if _state.stale or current is None or version != current.version:
                 await in_thread(_rebuild, force=True)
-        except Exception:
-            logger.exception("Could not refresh the auth snapshot; keeping the previous one")
+        except Exception as exc:
+            logger.warning("Could not refresh the auth snapshot; keeping the previous one: %s", exc)
 
 
 async def aget_snapshot() -> Snapshot:

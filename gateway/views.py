@@ -24,7 +24,7 @@ from django.http.response import HttpResponseBase
 from gateway import budget, clients, errors, limits
 from gateway.accounting import CallRecord, accountant
 from gateway.call import GatewayCall, GatewayRequest, Route
-from gateway.db import in_thread
+from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, record_response
 from gateway.models import InferenceRequest, JobState
 from gateway.render import json_response, response_object
@@ -56,6 +56,7 @@ def record_call(
     tokens: Tokens = (None, None),
     ttfb_ms: float | None = None,
     estimated: bool = False,
+    job: dict[str, Any] | None = None,
 ) -> None:
     """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
     cost replaces its credit reservation."""
@@ -79,6 +80,7 @@ def record_call(
             job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
             usage_estimated=estimated,
             committed=committed,
+            job=job,
         )
     )
 
@@ -86,8 +88,9 @@ def record_call(
 def calls_model(
     view: Callable[[GatewayCall], Awaitable[HttpResponseBase]],
 ) -> Callable[[GatewayRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """A view that calls the model upstream: gets the admitted call; a full model answers 429, and an
-    upstream that timed out or could not be reached is recorded and answered 504 / 502."""
+    """A view that calls the model upstream: gets the admitted call; a full model answers 429, an
+    upstream that timed out or could not be reached is recorded and answered 504 / 502, and a
+    database that cannot be reached before the upstream call is answered 503."""
 
     @wraps(view)
     async def serve(request: GatewayRequest) -> HttpResponseBase:
@@ -101,6 +104,10 @@ def calls_model(
             failure = failure_of(exc)
             record_call(call, failure.status)
             return errors.openai_error(failure.status, failure.message, code=failure.code)
+        except DATABASE_ERRORS:
+            budget.settle(call)
+            logger.warning("The database is unavailable: answered 503", exc_info=True)
+            return errors.database_unavailable()
         except BaseException:
             budget.settle(call)  # nothing was served: give the reservation back
             raise
@@ -234,15 +241,16 @@ async def responses(call: GatewayCall) -> HttpResponseBase:
         return await stream_response(call, job_id)
     result = await call_within_capacity(call)
     payload = with_id(parse_json(result.body), job_id)
-    # Recorded before the reply, so the id the client receives can be read back at once.
-    await in_thread(
-        record_response,
-        **call.job_fields(call.requested_alias),
-        status=result.status,
-        body=payload,
-        tokens=result.tokens,
-    )
-    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
+    job = {**call.job_fields(call.requested_alias), "status": result.status, "body": payload, "tokens": result.tokens}
+    try:
+        # Recorded before the reply, so the id the client receives can be read back at once.
+        await in_thread(record_response, **job)
+        journaled = None
+    except DATABASE_ERRORS:
+        # The upstream has answered: never throw that away. The journal records it once the database is back.
+        logger.warning("The database is unavailable: response %s waits in the journal", job_id)
+        journaled = job
+    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms, job=journaled)
     if payload is None:
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
     return json_response(payload, result.status)
@@ -327,6 +335,23 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio
 # --- reading, cancelling, listing ----------------------------------------------------------------
 
 
+def reads_records(
+    view: Callable[[GatewayRequest, str], Awaitable[HttpResponseBase]],
+) -> Callable[[GatewayRequest, str], Coroutine[Any, Any, HttpResponseBase]]:
+    """A view over the stored records: a database that cannot be reached is answered 503."""
+
+    @wraps(view)
+    async def serve(request: GatewayRequest, response_id: str) -> HttpResponseBase:
+        try:
+            return await view(request, response_id)
+        except DATABASE_ERRORS:
+            logger.warning("The database is unavailable: answered 503", exc_info=True)
+            return errors.database_unavailable()
+
+    return serve
+
+
+@reads_records
 async def response_detail(request: GatewayRequest, response_id: str) -> HttpResponseBase:
     if request.method != "GET":
         return errors.method_not_allowed(request.method or "")
@@ -336,6 +361,7 @@ async def response_detail(request: GatewayRequest, response_id: str) -> HttpResp
     return json_response(response_object(job))
 
 
+@reads_records
 async def response_cancel(request: GatewayRequest, response_id: str) -> HttpResponseBase:
     if request.method != "POST":
         return errors.method_not_allowed(request.method or "")
