@@ -53,7 +53,10 @@ class Cluster:
     def _run(self, tool: str, *args: str) -> None:
         assert PG_BIN is not None
         subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args], check=True, capture_output=True, cwd="/tmp"
+            ["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args],
+            check=True,
+            capture_output=True,
+            cwd=self.data,
         )
 
     def start(self) -> None:
