@@ -29,6 +29,7 @@ from functools import cache
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its lease
@@ -82,7 +83,8 @@ class MemoryCache:
     def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
         with self.lock:
             state = self.accounts.setdefault(account, [-1, 0, 0, 0])
-            state[3] += reserved
+            # Never below zero: a release may reach this cache without its reservation (Redis away).
+            state[3] = max(state[3] + reserved, 0)
             state[2] = max(state[2] + recorded, 0)
 
     def seen(self, seed: Seed) -> None:
@@ -154,7 +156,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 
 class RedisCache:
     """The same accounts in Redis hashes, so the bound holds across processes. The hot path uses
-    the asyncio client; threads (the usage writer, flex workers) use the blocking one."""
+    the asyncio client; threads (the usage writer, flex workers) use the blocking one. While Redis
+    cannot be reached, each operation falls back to this process's memory: calls keep being served,
+    and the bound holds per process until Redis is back."""
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis
@@ -168,8 +172,12 @@ class RedisCache:
         # An asyncio client belongs to one event loop (the gateway's, a flex worker's): one per loop.
         self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.seed_script = self.sync.register_script(_SEED + "seed(KEYS[1], ARGV[1], ARGV[2])")
+        self.local = MemoryCache()
         self.renewed = 0.0
-        self.renew()
+        try:
+            self.renew()
+        except RedisError as exc:
+            _unreachable(exc)
         threading.Thread(target=self._keep_lease, name="credits-lease", daemon=True).start()
 
     def _scripts(self) -> tuple[Any, Any]:
@@ -208,20 +216,52 @@ class RedisCache:
 
     async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
         keys, args = self._reserve_args(seeds, nanos, need)
-        return self._refusal(seeds, await self._scripts()[0](keys=keys, args=args))
+        try:
+            return self._refusal(seeds, await self._scripts()[0](keys=keys, args=args))
+        except RedisError as exc:
+            _unreachable(exc)
+            return self.local.reserve(seeds, nanos, need)
 
     def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
         keys, args = self._reserve_args(seeds, nanos, need)
-        return self._refusal(seeds, self.sync_reserve_script(keys=keys, args=args))
+        try:
+            return self._refusal(seeds, self.sync_reserve_script(keys=keys, args=args))
+        except RedisError as exc:
+            _unreachable(exc)
+            return self.local.reserve(seeds, nanos, need)
 
     def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
-        self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+        try:
+            self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+        except RedisError as exc:
+            _unreachable(exc)
+            self.local.move(account, reserved=reserved, recorded=recorded)
 
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
-        await self._scripts()[1](keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+        args = [PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS]
+        try:
+            await self._scripts()[1](keys=[self.prefix + account], args=args)
+        except RedisError as exc:
+            _unreachable(exc)
+            self.local.move(account, reserved=reserved, recorded=recorded)
 
     def seen(self, seed: Seed) -> None:
-        self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])
+        self.local.seen(seed)
+        try:
+            self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])
+        except RedisError as exc:
+            _unreachable(exc)
+
+
+_warned_at = 0.0
+
+
+def _unreachable(exc: Exception) -> None:
+    """Say so at most every ten seconds, not on every call."""
+    global _warned_at
+    if time.monotonic() - _warned_at > 10:
+        _warned_at = time.monotonic()
+        logger.warning("Redis is unreachable; counting credits in this process's memory meanwhile: %s", exc)
 
 
 @cache

@@ -15,7 +15,7 @@ from billing.models import Balance
 from billing.services import create_user
 from gateway import budget
 from gateway.accounting import accountant
-from gateway.ledger_cache import MemoryCache, Seed
+from gateway.ledger_cache import MemoryCache, RedisCache, Seed
 from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, GatewayProcess, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
@@ -206,3 +206,13 @@ def test_two_processes_sharing_redis_overspend_by_at_most_the_calls_in_flight(wo
         with ThreadPoolExecutor(2 * per_process) as pool:
             served = list(pool.map(one, range(80))).count(200)
     assert 10 <= served <= 10 + 2 * per_process
+
+
+def test_while_redis_is_unreachable_credits_are_counted_in_memory():
+    cache = RedisCache("redis://127.0.0.1:1/0", "unreachable")
+    seed = Seed("u1", 1, 100)
+    assert cache.reserve([seed], 60, 0) is None
+    assert cache.reserve([seed], 60, 0) is None
+    assert cache.reserve([seed], 1, 0) is not None  # the bound still holds, in this process
+    cache.move("u1", reserved=-120)
+    assert cache.reserve([seed], 1, 0) is None
