@@ -7,6 +7,10 @@ a 2xx answer should cost, at the run's tariff and the token counts of the upstre
 
 import json
 
+# Charged / expected outside this range means requests went unbilled or were billed twice; the upper
+# end leaves room for the requests still in flight when a wrk run stops (typically 1.002-1.01).
+BILLED_ONCE = (0.99, 1.05)
+
 
 def _fmt(v, digits):
     return "-" if v is None else f"{v:.{digits}f}"
@@ -30,9 +34,11 @@ def smoke_usage(run_dir, rnd, target):
 
 
 def billing_table(recs, meta, run_dir, label, lines, jsonl):
+    """Append the billing table; return the (round, target, ratio) of every run not billed once."""
     bills = [r for r in recs if r.get("kind") == "billing"]
+    wrong = []
     if not bills:
-        return
+        return wrong
     price_in, price_out = meta.get("input_price", 0.5), meta.get("output_price", 1.5)
     lines += [
         "### Billing check",
@@ -65,6 +71,8 @@ def billing_table(recs, meta, run_dir, label, lines, jsonl):
         usage = smoke_usage(run_dir, rnd, target)
         expected = sent * (usage[0] * price_in + usage[1] * price_out) / 1e6 if usage else None
         ratio = charged / expected if charged is not None and expected else None
+        if ratio is not None and not BILLED_ONCE[0] <= ratio <= BILLED_ONCE[1]:
+            wrong.append((rnd, target, ratio))
         lines.append(_row(rnd, label.get(target, target), sent, _fmt(charged, 4), _fmt(expected, 4), _fmt(ratio, 3)))
         jsonl.append(
             {
@@ -78,3 +86,16 @@ def billing_table(recs, meta, run_dir, label, lines, jsonl):
             }
         )
     lines.append("")
+    return wrong
+
+
+def billing_warning(wrong, label):
+    """A paragraph for the top of the summary when a gateway run was not billed once per request."""
+    if not wrong:
+        return []
+    runs = ", ".join(f"{label.get(t, t)} in round {r} ({ratio:.3f})" for r, t, ratio in wrong)
+    return [
+        f"**Billing check failed** (charged / expected outside {BILLED_ONCE[0]} to {BILLED_ONCE[1]}): {runs}. "
+        "Those figures are of a gateway that did not charge each request once; see the server logs.",
+        "",
+    ]

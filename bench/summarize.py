@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bars import bars_section
-from billing_check import billing_table
+from billing_check import billing_table, billing_warning
 
 ORDER = [
     "direct",
@@ -384,7 +384,10 @@ def main(argv):
     tput_conns = meta.get("tput_conns", 32)
     jsonl = []
     modes = [m for m in ("json", "stream") if any(k[1] == m for k in runs.idx)]
-    bars_section(runs, LABEL, meta, lines, jsonl)
+    bars = []
+    bars_section(runs, LABEL, meta, bars, jsonl)
+    at_bars = len(lines)
+    lines += bars
     if modes:
         lines += ["## All measurements", ""]
     for mode in modes:
@@ -392,7 +395,9 @@ def main(argv):
     slow_table(runs, targets, meta, lines, jsonl)
     scale_table(runs, rss, meta, lines, jsonl)
     rss_table(rss, targets, lines, jsonl)
-    billing_table(recs, meta, run_dir, LABEL, lines, jsonl)
+    wrong = billing_table(recs, meta, run_dir, LABEL, lines, jsonl)
+    # Right under the bars' table: a bar met by a gateway that does not charge is not met.
+    lines[at_bars + len(bars) : at_bars + len(bars)] = billing_warning(wrong, LABEL)
 
     extra = [r for r in recs if r.get("kind") not in ("wrk", "rss", "error", "billing", "smoke")]
     if extra:
