@@ -26,15 +26,18 @@ ensure_litellm() {
 # releases give the fetch Response's immutable headers to the gateway, which then fails every stream
 # ("TypeError: immutable" when it adds its own headers). The versions below are the ones in the
 # gateway's own lock file for this release, which stream correctly.
-PORTKEY_PINS='"@hono/node-server": "1.13.5", "hono": "4.9.7"'
+PORTKEY_SERVER_PIN=1.13.5
+PORTKEY_PINS='"@hono/node-server": "'$PORTKEY_SERVER_PIN'", "hono": "4.9.7"'
 
-portkey_version() {
-  node -p 'require(process.argv[1]).version' "$PORTKEY_DIR/node_modules/@portkey-ai/gateway/package.json" 2>/dev/null
+portkey_version() { # portkey_version [PACKAGE] -> the installed version of PACKAGE (the gateway's by default)
+  node -p 'require(process.argv[1]).version' \
+    "$PORTKEY_DIR/node_modules/${1:-@portkey-ai/gateway}/package.json" 2>/dev/null
 }
 
 ensure_portkey() {
   if [[ -f "$PORTKEY_SERVER" && "$(portkey_version)" == "$PORTKEY_VERSION" ]]; then
-    return 0
+    [[ "$(portkey_version @hono/node-server)" == "$PORTKEY_SERVER_PIN" ]] && return 0
+    log "$PORTKEY_DIR has @hono/node-server $(portkey_version @hono/node-server), whose streams fail: reinstalling"
   fi
   if ! command -v npm >/dev/null 2>&1; then
     log "npm not found: installing Node.js with apt-get"
