@@ -10,6 +10,38 @@ STARTED_PIDS=()
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# has_target NAME / drop_target NAME: membership in, and removal from, the list TARGETS.
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+drop_target() {
+  local t out=""
+  for t in $TARGETS; do [[ "$t" != "$1" ]] && out+="$t "; done
+  TARGETS=${out% }
+}
+
+# record KEY=VALUE... [JSON_OBJECT]: append one JSON line to $RESULTS. Values that look like
+# numbers are written as numbers; the optional last argument (a JSON object from wrk) is merged in.
+record() {
+  python3 - "$RESULTS" "$@" <<'PYEOF'
+import json, sys
+path, args = sys.argv[1], sys.argv[2:]
+rec = {}
+for a in args:
+    if a.startswith("{"):
+        rec.update(json.loads(a))
+        continue
+    k, _, v = a.partition("=")
+    try:
+        rec[k] = int(v)
+    except ValueError:
+        try:
+            rec[k] = float(v)
+        except ValueError:
+            rec[k] = v
+with open(path, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PYEOF
+}
+
 # pin_to CPUS -> sets the array PIN to (taskset -c CPUS), or to () when CPUS is empty or
 # taskset is missing. Use it as: pin_to 1; "${PIN[@]}" command args...
 pin_to() {
@@ -134,14 +166,17 @@ max_rss_kb() {
   awk 'BEGIN {m = 0} $2 > m {m = $2} END {print m}' "$1" 2>/dev/null || echo 0
 }
 
+# apt_install PACKAGE...: Debian packages, as root or through sudo.
+apt_install() {
+  local sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
 # ensure_wrk: install wrk from Debian's packages when it is missing.
 ensure_wrk() {
   command -v wrk >/dev/null 2>&1 && return 0
   log "wrk not found: installing it with apt-get"
-  if [[ $(id -u) -eq 0 ]]; then
-    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq wrk >/dev/null
-  fi
+  apt_install wrk
   command -v wrk >/dev/null 2>&1 || die "could not install wrk"
 }

@@ -3,11 +3,14 @@
 #
 # One run measures, side by side and against the same mock upstream:
 #   direct         the mock upstream itself (the baseline of every round)
-#   gateway        our gateway (uvicorn, one process) with a real user, key, model and tariff
-#   gateway-scale  the same gateway with SCALE_KEYS keys and SCALE_MODELS models in its DB
+#   gateway        our gateway, one uvicorn process, embedded SQLite, no Redis, paid models
+#   gateway-redis  the same with Redis (REDIS_URL) on the shared database (scratch PostgreSQL)
+#   gateway-2proc  two such processes, one per core, sharing Redis and that database
+#   gateway-scale  the plain gateway with SCALE_KEYS keys and SCALE_MODELS models in its DB
 #   gateway-httpx  (not default) the gateway with httpx's API on the httpx-aiohttp transport
 #   gateway-daphne (not default) the gateway served by daphne instead of uvicorn
-#   litellm        the LiteLLM proxy as the peer, when it is installed
+#   litellm        the LiteLLM proxy (Python), the first peer
+#   portkey        the Portkey AI gateway (Node), the second peer
 # For each target and round: JSON and `stream: true` chat completions at 1 connection
 # (latency) and TPUT_CONNS connections (throughput), then SLOW_CONNS connections against an
 # upstream that waits SLOW_DELAY_MS, and the process RSS sampled under load.
@@ -23,10 +26,14 @@ cd "$ROOT"
 source "$BENCH_DIR/lib.sh"
 
 # ------------------------------------------------------------------ knobs
+if [[ "${QUICK:-0}" == 1 ]]; then # a check that every target starts and gives numbers, not a measurement
+  : "${DURATION:=3s}" "${WARMUP:=1s}" "${ROUNDS:=1}" "${SLOW_DURATION:=3s}" "${FLEX:=0}"
+  : "${SCALE_KEYS:=500}" "${SCALE_MODELS:=50}" "${SCALE_USERS:=10}"
+fi
 DURATION=${DURATION:-10s}          # each measured wrk run
 WARMUP=${WARMUP:-2s}               # warm-up before each mode (kept in results.jsonl, not in the tables)
 ROUNDS=${ROUNDS:-2}                # every target is measured (and restarted) once per round
-TARGETS=${TARGETS:-"direct gateway gateway-scale litellm"}
+TARGETS=${TARGETS:-"direct gateway gateway-redis gateway-2proc gateway-scale litellm portkey"}
 MODES=${MODES:-"json stream"}      # json = non-stream chat completion, stream = SSE
 LAT_CONNS=${LAT_CONNS:-1}
 TPUT_CONNS=${TPUT_CONNS:-32}
@@ -37,71 +44,62 @@ SLOW_DURATION=${SLOW_DURATION:-$DURATION}
 SCALE_KEYS=${SCALE_KEYS:-10000}
 SCALE_MODELS=${SCALE_MODELS:-1000}
 SCALE_USERS=${SCALE_USERS:-100}
-GATEWAY_CPUS=${GATEWAY_CPUS-1}     # empty = not pinned
+GATEWAY_CPUS=${GATEWAY_CPUS-1}     # one-process servers (gateway, peers); empty = not pinned
 LOAD_CPUS=${LOAD_CPUS-0}           # mock upstreams and wrk
+TWO_PROC_CPUS=${TWO_PROC_CPUS-"0 1"}       # gateway-2proc: one CPU list per process
+TWO_PROC_LOAD_CPUS=${TWO_PROC_LOAD_CPUS-"0,1"}  # gateway-2proc: wrk and the mock upstreams
 WRK_TIMEOUT=${WRK_TIMEOUT:-10s}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
 GATEWAY_LIFESPAN=${GATEWAY_LIFESPAN:-off}  # uvicorn --lifespan for the gateway
 INPUT_PRICE=${INPUT_PRICE:-0.50}   # tariff of the bench models, credits per 1M tokens
 OUTPUT_PRICE=${OUTPUT_PRICE:-1.50}
+LIMITS=${LIMITS:-1}                # 1: rate, token and spend limits on the bench key and models, never reached
+BENCH_REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}
+SHARED_DB_ENGINE=${SHARED_DB_ENGINE:-postgres}  # postgres | sqlite: the database of the Redis targets
+PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
+BENCH_LITELLM=${BENCH_LITELLM:-1}  # 0: never run LiteLLM; otherwise it is installed when missing
 LITELLM_VENV=${LITELLM_VENV:-/tmp/dwctl-litellm-venv}
-BENCH_LITELLM=${BENCH_LITELLM:-}   # 1: install if missing and run; 0: never; unset: run if installed
+LITELLM_VERSION=${LITELLM_VERSION:-1.106.2}
 LITELLM_KEY=${BENCH_LITELLM_KEY:-sk-dwctl-bench-master}
+BENCH_PORTKEY=${BENCH_PORTKEY:-1}  # 0: never run the Portkey gateway; otherwise installed when missing
+PORTKEY_DIR=${PORTKEY_DIR:-/tmp/dwctl-portkey}
+PORTKEY_VERSION=${PORTKEY_VERSION:-1.15.2}
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/results/$STAMP}
 WORK_DIR=${WORK_DIR:-/tmp/dwctl-bench-$STAMP}
 LOG_DIR=$OUT_DIR/logs
 RESULTS=$OUT_DIR/results.jsonl
+REDIS_PREFIX_BASE=dwctl-bench-$STAMP
 mkdir -p "$OUT_DIR" "$LOG_DIR" "$WORK_DIR"
 : >"$RESULTS"
 
-trap 'stop_all' EXIT
+# shellcheck source=peers.sh
+source "$BENCH_DIR/peers.sh"
+# shellcheck source=gateway.sh
+source "$BENCH_DIR/gateway.sh"
+# shellcheck source=targets.sh
+source "$BENCH_DIR/targets.sh"
+
+REDIS_USED=0 SCRATCH_DB=""
+finish() { # servers first: the scratch database cannot be dropped while they hold connections
+  stop_all
+  shared_db_drop
+  if [[ $REDIS_USED == 1 ]]; then redis_forget "$REDIS_PREFIX_BASE"; fi
+  REDIS_USED=0
+}
+trap 'finish' EXIT
 trap 'exit 130' INT TERM
-
-has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
-drop_target() {
-  local t out=""
-  for t in $TARGETS; do [[ "$t" != "$1" ]] && out+="$t "; done
-  TARGETS=${out% }
-}
-
-# record KEY=VALUE... [JSON_OBJECT]: append one JSON line to results.jsonl. Values that
-# look like numbers are written as numbers; the optional last argument (a JSON object
-# from wrk) is merged in.
-record() {
-  python3 - "$RESULTS" "$@" <<'EOF'
-import json, sys
-path, args = sys.argv[1], sys.argv[2:]
-rec = {}
-for a in args:
-    if a.startswith("{"):
-        rec.update(json.loads(a))
-        continue
-    k, _, v = a.partition("=")
-    try:
-        rec[k] = int(v)
-    except ValueError:
-        try:
-            rec[k] = float(v)
-        except ValueError:
-            rec[k] = v
-with open(path, "a") as f:
-    f.write(json.dumps(rec) + "\n")
-EOF
-}
 
 # ------------------------------------------------------------------ prerequisites
 ensure_wrk
 
 GATEWAY_OK=1
-if has_target gateway || has_target gateway-scale; then
-  if [[ ! -f "$ROOT/manage.py" ]]; then
-    log "WARNING: $ROOT/manage.py not found: skipping the gateway targets"
-    GATEWAY_OK=0
-  fi
+if [[ ! -f "$ROOT/manage.py" ]]; then
+  log "WARNING: $ROOT/manage.py not found: skipping the gateway targets"
+  GATEWAY_OK=0
 fi
 if [[ ! -x "$PY" ]] && [[ -f "$ROOT/requirements.txt" ]]; then
   log "creating the project venv in $VENV"
@@ -119,25 +117,16 @@ else
   GATEWAY_OK=0
 fi
 if [[ $GATEWAY_OK == 0 ]]; then
-  drop_target gateway
-  drop_target gateway-scale
+  for t in $TARGETS; do [[ $t == gateway* ]] && drop_target "$t"; done
 fi
-
-if has_target litellm || [[ "$BENCH_LITELLM" == 1 ]]; then
-  if [[ "$BENCH_LITELLM" == 0 ]]; then
-    drop_target litellm
-  elif [[ ! -x "$LITELLM_VENV/bin/litellm" ]]; then
-    if [[ "$BENCH_LITELLM" == 1 ]]; then
-      log "installing litellm[proxy] into $LITELLM_VENV (takes a few minutes)"
-      python3 -m venv "$LITELLM_VENV"
-      "$LITELLM_VENV/bin/pip" install -q 'litellm[proxy]' >"$LOG_DIR/litellm-install.log" 2>&1 \
-        || die "litellm install failed, see $LOG_DIR/litellm-install.log"
-    else
-      log "LiteLLM not installed in $LITELLM_VENV: skipping it (BENCH_LITELLM=1 installs it)"
-      drop_target litellm
-    fi
-  fi
+if (has_target gateway-redis || has_target gateway-2proc) && ! redis_ok; then
+  log "WARNING: no Redis at $BENCH_REDIS_URL: skipping gateway-redis and gateway-2proc"
+  record kind=error target=gateway-redis what=redis log=-
+  drop_target gateway-redis
+  drop_target gateway-2proc
 fi
+want_peer litellm "$BENCH_LITELLM" ensure_litellm
+want_peer portkey "$BENCH_PORTKEY" ensure_portkey
 [[ -n "$TARGETS" ]] || die "no target left to run"
 
 # ------------------------------------------------------------------ mock upstreams
@@ -157,38 +146,11 @@ SLOW_BASE=http://127.0.0.1:$SLOW_PORT/v1
 log "mock upstreams: $MOCK_BASE (pid $MOCK_PID), $SLOW_BASE with ${SLOW_DELAY_MS} ms (pid $SLOW_PID)"
 
 GATEWAY_PORT=$(free_port "${GATEWAY_PORT:-18100}")
+GATEWAY_PORT2=$(free_port "$((GATEWAY_PORT + 1))")
 LITELLM_PORT=$(free_port "${LITELLM_PORT:-18200}")
+PORTKEY_PORT=$(free_port "${PORTKEY_PORT:-18300}")
 
 # ------------------------------------------------------------------ gateway setup
-# gw_env DB_URL: sets GW_ENV, the environment every gateway command runs with.
-gw_env() {
-  GW_ENV=("DATABASE_URL=$1" DJANGO_SECRET_KEY=bench-secret DJANGO_DEBUG=0 'ALLOWED_HOSTS=*')
-}
-manage() { # manage DB_URL ARGS...
-  gw_env "$1"
-  shift
-  env "${GW_ENV[@]}" "$PY" manage.py "$@"
-}
-
-# gateway_setup DB_URL LOGFILE -> sets SETUP_KEY. Only the management-command interface.
-gateway_setup() {
-  local db=$1 lf=$2 out
-  {
-    manage "$db" migrate --noinput &&
-      manage "$db" add_endpoint mock "$MOCK_BASE" &&
-      manage "$db" add_endpoint mock-slow "$SLOW_BASE" &&
-      manage "$db" add_model bench-model --endpoint mock --upstream-model bench-model \
-        --input-price "$INPUT_PRICE" --output-price "$OUTPUT_PRICE" --public &&
-      manage "$db" add_model bench-slow --endpoint mock-slow --upstream-model bench-model \
-        --input-price "$INPUT_PRICE" --output-price "$OUTPUT_PRICE" --public &&
-      manage "$db" create_user bench --credits 1000000
-  } >>"$lf" 2>&1 || return 1
-  out=$(manage "$db" create_api_key bench --purpose realtime --name bench 2>>"$lf") || return 1
-  printf '%s\n' "$out" >>"$lf"
-  SETUP_KEY=$(printf '%s\n' "$out" | tail -n 1 | tr -d '[:space:]')
-  [[ -n "$SETUP_KEY" ]]
-}
-
 if [[ -n "${BENCH_DATABASE_URL:-}" ]]; then
   GW_DB=$BENCH_DATABASE_URL          # must point at an empty database
 else
@@ -199,217 +161,54 @@ if [[ -n "${BENCH_DATABASE_URL:-}" && -z "${BENCH_SCALE_DATABASE_URL:-}" ]] && h
   log "BENCH_DATABASE_URL is set but BENCH_SCALE_DATABASE_URL is not: skipping gateway-scale"
   drop_target gateway-scale
 fi
+GW_KEY="" SHARED_KEY="" SCALE_KEY="" SHARED_DB="" SHARED_DB_KIND="" SEED_SECONDS=""
 
-SEED_SECONDS=""
 if has_target gateway; then
-  log "gateway setup (user, key, endpoints, paid models) in $GW_DB"
-  if gateway_setup "$GW_DB" "$LOG_DIR/gateway-setup.log"; then
-    GW_KEY=$SETUP_KEY
+  if setup_database gateway "$GW_DB" "$LOG_DIR/gateway-setup.log"; then GW_KEY=$SETUP_KEY; else drop_target gateway; fi
+fi
+if has_target gateway-redis || has_target gateway-2proc; then
+  shared_db_create
+  REDIS_USED=1
+  if setup_database gateway-redis "$SHARED_DB" "$LOG_DIR/shared-setup.log"; then
+    SHARED_KEY=$SETUP_KEY
   else
-    log "WARNING: gateway setup failed (see $LOG_DIR/gateway-setup.log): skipping gateway"
-    tail -n 20 "$LOG_DIR/gateway-setup.log" >&2 || true
-    record kind=error target=gateway what=setup log=logs/gateway-setup.log
-    drop_target gateway
+    drop_target gateway-redis
+    drop_target gateway-2proc
   fi
 fi
 if has_target gateway-scale; then
-  log "gateway-scale setup: $SCALE_KEYS keys, $SCALE_MODELS models, $SCALE_USERS users in $SCALE_DB"
   t0=$(date +%s.%N)
-  gw_env "$SCALE_DB"
-  if gateway_setup "$SCALE_DB" "$LOG_DIR/scale-setup.log" && SCALE_KEY=$SETUP_KEY &&
-    env "${GW_ENV[@]}" SEED_KEYS="$SCALE_KEYS" SEED_MODELS="$SCALE_MODELS" SEED_USERS="$SCALE_USERS" \
+  if setup_database gateway-scale "$SCALE_DB" "$LOG_DIR/scale-setup.log"; then
+    SCALE_KEY=$SETUP_KEY
+    log "gateway-scale: seeding $SCALE_KEYS keys, $SCALE_MODELS models, $SCALE_USERS users"
+    gw_env "$SCALE_DB"
+    if env "${GW_ENV[@]}" SEED_KEYS="$SCALE_KEYS" SEED_MODELS="$SCALE_MODELS" SEED_USERS="$SCALE_USERS" \
       SEED_ENDPOINT=mock "$PY" manage.py shell <"$BENCH_DIR/seed_scale.py" >>"$LOG_DIR/scale-setup.log" 2>&1; then
-    SEED_SECONDS=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)")
-    log "gateway-scale seeded in ${SEED_SECONDS}s: $(tail -n 1 "$LOG_DIR/scale-setup.log")"
+      SEED_SECONDS=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)")
+      log "gateway-scale seeded in ${SEED_SECONDS}s: $(tail -n 1 "$LOG_DIR/scale-setup.log")"
+    else
+      log "WARNING: gateway-scale seeding failed (see $LOG_DIR/scale-setup.log): skipping it"
+      record kind=error target=gateway-scale what=setup log=logs/scale-setup.log
+      drop_target gateway-scale
+    fi
   else
-    log "WARNING: gateway-scale setup failed (see $LOG_DIR/scale-setup.log): skipping it"
-    tail -n 20 "$LOG_DIR/scale-setup.log" >&2 || true
-    record kind=error target=gateway-scale what=setup log=logs/scale-setup.log
     drop_target gateway-scale
   fi
 fi
-
-# balance_of TARGET -> the bench user's credits in that target's database.
-balance_of() {
-  local db=$GW_DB
-  [[ $1 == gateway-scale ]] && db=$SCALE_DB
-  manage "$db" balance bench 2>>"$LOG_DIR/balance.log" | tail -n 1 | tr -d '[:space:]' || true
-}
+[[ -n "$TARGETS" ]] || die "no target left to run"
 
 # ------------------------------------------------------------------ meta.json
-python3 - "$OUT_DIR/meta.json" <<EOF
-import json, os, platform, subprocess, sys
-def out(cmd):
-    try:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
-        return r.stdout.strip()
-    except Exception:
-        return ""
-cpu = ""
-try:
-    cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-except Exception:
-    pass
-meta = {
-    "stamp": "$STAMP", "host_cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-    "python": out(["$MOCK_PY", "-c", "import sys; print(sys.version.split()[0])"]),
-    "django": out(["$PY", "-c", "import django; print(django.get_version())"]) if os.path.exists("$PY") else "",
-    "uvicorn": out(["$PY", "-c", "import uvicorn; print(uvicorn.__version__)"]) if os.path.exists("$PY") else "",
-    "litellm": out(["$LITELLM_VENV/bin/python", "-c", "import importlib.metadata as m; print(m.version('litellm'))"]) if os.path.exists("$LITELLM_VENV/bin/python") else "",
-    "wrk": (out(["wrk", "-v"]).splitlines() or [""])[0].split(" Copyright")[0],
-    "git_rev": out(["git", "-C", "$ROOT", "rev-parse", "--short", "HEAD"]),
-    "targets": "$TARGETS".split(), "modes": "$MODES".split(), "rounds": $ROUNDS,
-    "duration": "$DURATION", "warmup": "$WARMUP", "lat_conns": $LAT_CONNS, "tput_conns": $TPUT_CONNS,
-    "slow": $SLOW, "slow_delay_ms": $SLOW_DELAY_MS, "slow_conns": $SLOW_CONNS, "slow_duration": "$SLOW_DURATION",
-    "input_price": $INPUT_PRICE, "output_price": $OUTPUT_PRICE,
-    "scale_keys": $SCALE_KEYS, "scale_models": $SCALE_MODELS, "scale_users": $SCALE_USERS,
-    "scale_seed_seconds": "$SEED_SECONDS",
-    "gateway_cpus": "$GATEWAY_CPUS", "load_cpus": "$LOAD_CPUS", "gateway_lifespan": "$GATEWAY_LIFESPAN",
-    "gateway_db": "sqlite" if "$GW_DB".startswith("sqlite") else "external",
-}
-json.dump(meta, open(sys.argv[1], "w"), indent=2)
-EOF
-
-# ------------------------------------------------------------------ targets
-# target_start NAME: starts NAME if it is a server and sets T_PID (the process whose RSS
-# is sampled, empty for direct), T_URL, T_KEY, T_MODEL, T_SLOW_URL, T_SLOW_MODEL, T_READY_S.
-target_start() {
-  local name=$1 t0
-  T_PID="" T_SLOW_URL="" T_SLOW_MODEL="" T_READY_S=""
-  t0=$(date +%s.%N)
-  case "$name" in
-    direct)
-      T_URL=$MOCK_BASE/chat/completions T_KEY=sk-direct T_MODEL=bench-model
-      T_SLOW_URL=$SLOW_BASE/chat/completions T_SLOW_MODEL=bench-model
-      return 0
-      ;;
-    gateway | gateway-scale | gateway-httpx | gateway-daphne)
-      local db=$GW_DB key=${GW_KEY:-}
-      if [[ $name == gateway-scale ]]; then db=$SCALE_DB key=$SCALE_KEY; fi
-      gw_env "$db"
-      # Variants: the upstream client on httpx's API (httpx-aiohttp transport), or daphne as the server.
-      if [[ $name == gateway-httpx ]]; then GW_ENV+=(GATEWAY_UPSTREAM_TRANSPORT=httpx); fi
-      local server=("$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT"
-        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN")
-      if [[ $name == gateway-daphne ]]; then
-        server=("$VENV/bin/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" dwctl_site.asgi:application)
-      fi
-      pin_to "$GATEWAY_CPUS"
-      start_bg "$LOG_DIR/$name-r$ROUND.log" env "${GW_ENV[@]}" "${PIN[@]}" "${server[@]}"
-      T_PID=$BG_PID
-      T_URL=http://127.0.0.1:$GATEWAY_PORT/ai/v1/chat/completions T_KEY=$key T_MODEL=bench-model
-      if [[ $name != gateway-scale ]]; then
-        T_SLOW_URL=$T_URL T_SLOW_MODEL=bench-slow
-      fi
-      wait_http "http://127.0.0.1:$GATEWAY_PORT/ai/v1/models" "$READY_TIMEOUT" "$T_PID" "$key" || return 1
-      ;;
-    litellm)
-      pin_to "$GATEWAY_CPUS"
-      start_bg "$LOG_DIR/litellm-r$ROUND.log" env BENCH_MOCK_BASE="$MOCK_BASE" BENCH_SLOW_MOCK_BASE="$SLOW_BASE" \
-        BENCH_LITELLM_KEY="$LITELLM_KEY" LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR \
-        "${PIN[@]}" "$LITELLM_VENV/bin/litellm" --config "$BENCH_DIR/litellm.yaml" \
-        --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 1
-      T_PID=$BG_PID
-      T_URL=http://127.0.0.1:$LITELLM_PORT/v1/chat/completions T_KEY=$LITELLM_KEY T_MODEL=bench-model
-      T_SLOW_URL=$T_URL T_SLOW_MODEL=bench-slow
-      wait_http "http://127.0.0.1:$LITELLM_PORT/v1/models" "$READY_TIMEOUT" "$T_PID" "$LITELLM_KEY" || return 1
-      ;;
-    *)
-      log "unknown target $name"
-      return 1
-      ;;
-  esac
-  T_READY_S=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$(date +%s.%N)")
-}
-
-target_stop() {
-  if [[ -n "$T_PID" && "$T_PID" != "$MOCK_PID" ]]; then stop_pid "$T_PID"; fi
-  T_PID=""
-}
-
-# ------------------------------------------------------------------ measuring
-# body_for MODEL STREAM -> path of a request body file (the same body wrk sends).
-body_for() {
-  local f=$WORK_DIR/body-$1-$2.json extra=""
-  [[ $2 == 1 ]] && extra='"stream":true,"stream_options":{"include_usage":true},'
-  printf '{"model":"%s",%s"max_tokens":64,"temperature":0.2,"user":"bench","messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly and precisely."},{"role":"user","content":"In one sentence, what does an AI gateway add between a client and a model provider?"}]}' \
-    "$1" "$extra" >"$f"
-  printf '%s' "$f"
-}
-
-# smoke URL KEY MODEL STREAM LOGNAME -> one request must return 200 with a usage block
-# (and "[DONE]" for a stream).
-smoke() {
-  local url=$1 key=$2 model=$3 stream=$4 name=$5 code body
-  body=$LOG_DIR/smoke-$name.txt
-  code=$(curl -s -m 30 -o "$body" -w '%{http_code}' -H 'Content-Type: application/json' \
-    -H "Authorization: Bearer $key" --data-binary "@$(body_for "$model" "$stream")" "$url" || true)
-  if [[ "$code" != 200 ]]; then
-    log "smoke $name: HTTP $code: $(head -c 300 "$body" 2>/dev/null)"
-    return 1
-  fi
-  if ! grep -q '"usage"' "$body"; then
-    log "smoke $name: no usage block in the reply"
-    return 1
-  fi
-  if [[ $stream == 1 ]] && ! grep -q '\[DONE\]' "$body"; then
-    log "smoke $name: stream did not end with [DONE]"
-    return 1
-  fi
-}
-
-# wrk_json CONNS DURATION URL KEY MODEL STREAM LOGNAME -> prints wrk's BENCHJSON object.
-wrk_json() {
-  local conns=$1 dur=$2 url=$3 key=$4 model=$5 stream=$6 name=$7 lf
-  lf=$LOG_DIR/wrk-$name.txt
-  pin_to "$LOAD_CPUS"
-  "${PIN[@]}" wrk -t1 -c"$conns" -d"$dur" --timeout "$WRK_TIMEOUT" --latency \
-    -s "$BENCH_DIR/wrk/post.lua" "$url" -- "$key" "$model" "$stream" >"$lf" 2>&1 || true
-  local line
-  line=$(sed -n 's/^BENCHJSON //p' "$lf" | tail -n 1)
-  if [[ -z "$line" ]]; then
-    log "wrk produced no result, see $lf"
-    line='{"requests":0,"rps":0,"errors":-1}'
-  fi
-  printf '%s' "$line"
-}
-
-jget() { python3 -c "import json,sys; print(json.loads(sys.argv[1]).get(sys.argv[2], ''))" "$1" "$2"; }
-
-measure_target() {
-  local name=$1 mode stream lat tput tag warm
-  for mode in $MODES; do
-    stream=0
-    [[ $mode == stream ]] && stream=1
-    tag=r$ROUND-$name-$mode
-    if ! smoke "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag"; then
-      record kind=error round="$ROUND" target="$name" mode="$mode" what=smoke log="logs/smoke-$tag.txt"
-      continue
-    fi
-    warm=$(wrk_json "$TPUT_CONNS" "$WARMUP" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-warmup")
-    record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=warmup conns="$TPUT_CONNS" "$warm"
-    lat=$(wrk_json "$LAT_CONNS" "$DURATION" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-lat")
-    record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=lat conns="$LAT_CONNS" "$lat"
-    tput=$(wrk_json "$TPUT_CONNS" "$DURATION" "$T_URL" "$T_KEY" "$T_MODEL" "$stream" "$tag-tput")
-    record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=tput conns="$TPUT_CONNS" "$tput"
-    log "round $ROUND $name $mode: ${LAT_CONNS}-conn p50 $(jget "$lat" p50_ms) ms p99 $(jget "$lat" p99_ms) ms |" \
-      "${TPUT_CONNS}-conn $(jget "$tput" rps) req/s p99 $(jget "$tput" p99_ms) ms | errors $(jget "$lat" errors)+$(jget "$tput" errors)"
-  done
-  if [[ $SLOW == 1 && -n "$T_SLOW_URL" ]]; then
-    tag=r$ROUND-$name-slow
-    if smoke "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag"; then
-      warm=$(wrk_json "$SLOW_CONNS" 2s "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag-warmup")
-      record kind=wrk round="$ROUND" target="$name" mode=slow phase=warmup conns="$SLOW_CONNS" "$warm"
-      tput=$(wrk_json "$SLOW_CONNS" "$SLOW_DURATION" "$T_SLOW_URL" "$T_KEY" "$T_SLOW_MODEL" 0 "$tag")
-      record kind=wrk round="$ROUND" target="$name" mode=slow phase=tput conns="$SLOW_CONNS" \
-        delay_ms="$SLOW_DELAY_MS" "$tput"
-      log "round $ROUND $name slow upstream (${SLOW_DELAY_MS} ms, ${SLOW_CONNS} conns): $(jget "$tput" rps) req/s" \
-        "p50 $(jget "$tput" p50_ms) ms p99 $(jget "$tput" p99_ms) ms errors $(jget "$tput" errors)"
-    else
-      record kind=error round="$ROUND" target="$name" mode=slow what=smoke log="logs/smoke-$tag.txt"
-    fi
-  fi
-}
+META_STAMP=$STAMP META_PY=$PY META_MOCK_PY=$MOCK_PY META_ROOT=$ROOT META_TARGETS=$TARGETS META_MODES=$MODES \
+  META_ROUNDS=$ROUNDS META_DURATION=$DURATION META_WARMUP=$WARMUP META_LAT_CONNS=$LAT_CONNS \
+  META_TPUT_CONNS=$TPUT_CONNS META_SLOW=$SLOW META_SLOW_DELAY_MS=$SLOW_DELAY_MS META_SLOW_CONNS=$SLOW_CONNS \
+  META_SLOW_DURATION=$SLOW_DURATION META_INPUT_PRICE=$INPUT_PRICE META_OUTPUT_PRICE=$OUTPUT_PRICE \
+  META_SCALE_KEYS=$SCALE_KEYS META_SCALE_MODELS=$SCALE_MODELS META_SCALE_USERS=$SCALE_USERS \
+  META_SCALE_SEED_SECONDS=$SEED_SECONDS META_GATEWAY_CPUS=$GATEWAY_CPUS META_LOAD_CPUS=$LOAD_CPUS \
+  META_TWO_PROC_CPUS=$TWO_PROC_CPUS META_TWO_PROC_LOAD_CPUS=$TWO_PROC_LOAD_CPUS \
+  META_GATEWAY_LIFESPAN=$GATEWAY_LIFESPAN META_GATEWAY_DB=${GW_DB%%:*} META_SHARED_DB=$SHARED_DB_KIND \
+  META_REDIS=$([[ $REDIS_USED == 1 ]] && printf '%s (prefix %s:…)' "$BENCH_REDIS_URL" "$REDIS_PREFIX_BASE") \
+  META_LIMITS=$LIMITS META_LITELLM_VENV=$LITELLM_VENV META_PORTKEY_DIR=$PORTKEY_DIR \
+  python3 "$BENCH_DIR/meta.py" "$OUT_DIR/meta.json"
 
 # ------------------------------------------------------------------ rounds
 log "targets: $TARGETS | modes: $MODES | rounds: $ROUNDS | duration: $DURATION | results: $OUT_DIR"
@@ -472,7 +271,7 @@ else
 fi
 
 # ------------------------------------------------------------------ report
-stop_all
+finish
 python3 "$BENCH_DIR/summarize.py" "$OUT_DIR"
 log "results: $OUT_DIR/summary.md, $OUT_DIR/summary.jsonl, raw lines in $RESULTS"
 exit 0

@@ -6,8 +6,8 @@
 Reads results.jsonl (+ meta.json) and writes summary.md (markdown tables, printed too) and
 summary.jsonl (one JSON line per target and measurement, medians over the rounds).
 Every comparison uses the baseline of the SAME round: "added p50" is the target's p50 minus
-the direct p50 of that round, and ratios divide by that round's direct (or LiteLLM) req/s.
-Standard library only.
+the direct p50 of that round, and ratios divide by that round's direct (LiteLLM, Portkey) req/s.
+The bars the gateway must clear come first (bars.py). Standard library only.
 """
 
 import json
@@ -15,15 +15,32 @@ import statistics
 import sys
 from pathlib import Path
 
-ORDER = ["direct", "gateway", "gateway-httpx", "gateway-daphne", "gateway-scale", "litellm"]
+from bars import bars_section
+from billing_check import billing_table, billing_warning
+
+ORDER = [
+    "direct",
+    "gateway",
+    "gateway-redis",
+    "gateway-2proc",
+    "gateway-httpx",
+    "gateway-daphne",
+    "gateway-scale",
+    "litellm",
+    "portkey",
+]
 LABEL = {
     "direct": "direct (mock upstream)",
-    "gateway": "gateway",
+    "gateway": "gateway (SQLite, no Redis)",
+    "gateway-redis": "gateway + Redis",
+    "gateway-2proc": "gateway + Redis, 2 processes",
     "gateway-httpx": "gateway, httpx API on httpx-aiohttp",
     "gateway-daphne": "gateway on daphne",
     "gateway-scale": "gateway at scale",
     "litellm": "LiteLLM proxy",
+    "portkey": "Portkey gateway",
 }
+PEERS = (("litellm", "LiteLLM"), ("portkey", "Portkey"))
 MODE_TITLE = {"json": "Non-stream chat completion (JSON)", "stream": "`stream: true` (SSE, include_usage)"}
 
 
@@ -117,7 +134,7 @@ class Runs:
 
 
 def main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl):
-    have_litellm = any(runs.get("litellm", mode, "tput", r) for r in runs.rounds)
+    peers = [(p, name) for p, name in PEERS if any(runs.get(p, mode, "tput", r) for r in runs.rounds)]
     head = [
         "target",
         f"{lat_conns}-conn p50 ms",
@@ -127,8 +144,7 @@ def main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl):
         f"{tput_conns}-conn p99 ms",
         "req/s ratio vs direct",
     ]
-    if have_litellm:
-        head.append("req/s ratio vs LiteLLM")
+    head += [f"req/s ratio vs {name}" for _, name in peers]
     head.append("errors")
     lines += ["### " + MODE_TITLE.get(mode, mode), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in targets:
@@ -138,18 +154,19 @@ def main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl):
         lat99 = runs.series(t, mode, "lat", "p99_ms")
         rps = runs.series(t, mode, "tput", "rps")
         tp99 = runs.series(t, mode, "tput", "p99_ms")
+        vs_peer = {}
         if t == "direct":
-            added, ratio, vs_l = "(baseline)", "(baseline)", "-"
-            added_v = ratio_v = vs_l_v = None
+            added, ratio = "(baseline)", "(baseline)"
+            added_v = ratio_v = None
         else:
             added_v = runs.relative(t, mode, "lat", "p50_ms", "direct", lambda a, b: a - b)
             ratio_v = runs.relative(t, mode, "tput", "rps", "direct", lambda a, b: a / b)
-            vs_l_v = runs.relative(t, mode, "tput", "rps", "litellm", lambda a, b: a / b) if t != "litellm" else None
             added, ratio = cells(added_v), cells(ratio_v, 4)
-            vs_l = "(peer)" if t == "litellm" else cells(vs_l_v)
+        for p, _ in peers:
+            if t not in ("direct", p):
+                vs_peer[p] = runs.relative(t, mode, "tput", "rps", p, lambda a, b: a / b)
         row = [LABEL.get(t, t), cells(lat50, 3), cells(lat99, 3), added, cells(rps), cells(tp99), ratio]
-        if have_litellm:
-            row.append(vs_l)
+        row += ["(peer)" if t == p else cells(vs_peer[p]) if p in vs_peer else "-" for p, _ in peers]
         row.append(str(runs.errors(t, mode)))
         lines.append("| " + " | ".join(row) + " |")
         jsonl.append(
@@ -165,7 +182,8 @@ def main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl):
                 "tput_rps": median(rps),
                 "tput_p99_ms": median(tp99),
                 "rps_ratio_vs_direct": median(ratio_v) if isinstance(ratio_v, list) else None,
-                "rps_ratio_vs_litellm": median(vs_l_v) if isinstance(vs_l_v, list) else None,
+                "rps_ratio_vs_litellm": median(vs_peer["litellm"]) if "litellm" in vs_peer else None,
+                "rps_ratio_vs_portkey": median(vs_peer["portkey"]) if "portkey" in vs_peer else None,
                 "errors": runs.errors(t, mode),
             }
         )
@@ -260,7 +278,7 @@ def rss_table(rss, targets, lines, jsonl):
     if not rss:
         return
     lines += [
-        "### Memory (VmRSS of the one server process) and start-up",
+        "### Memory (VmRSS of the one server process; of the first one for 2 processes) and start-up",
         "",
         "| target | ready after s | RSS idle MiB | RSS peak under load MiB | RSS at end MiB |",
         "|---|---|---|---|---|",
@@ -294,64 +312,54 @@ def rss_table(rss, targets, lines, jsonl):
     lines.append("")
 
 
-def smoke_usage(run_dir, rnd, target):
-    """(prompt_tokens, completion_tokens) from the JSON smoke reply of that round (or any round)."""
-    files = [run_dir / "logs" / f"smoke-r{rnd}-{target}-json.txt"]
-    files += sorted((run_dir / "logs").glob(f"smoke-r*-{target}-json.txt"))
-    for path in files:
-        try:
-            usage = json.loads(path.read_text())["usage"]
-            return usage["prompt_tokens"], usage["completion_tokens"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def billing_table(recs, meta, run_dir, lines, jsonl):
-    bills = [r for r in recs if r.get("kind") == "billing"]
-    if not bills:
-        return
-    price_in, price_out = meta.get("input_price", 0.5), meta.get("output_price", 1.5)
-    lines += [
-        "### Billing check",
+def header_lines(meta):
+    """What was measured, on what, and how the processes were laid out on the CPUs."""
+    peers = []
+    if meta.get("litellm"):
+        peers.append(f"LiteLLM {meta['litellm']}")
+    if meta.get("portkey"):
+        peers.append(f"Portkey gateway {meta['portkey']} on Node {meta.get('node') or '?'}")
+    shared = {
+        "postgresql": "a scratch PostgreSQL database",
+        "sqlite": "a SQLite file",
+        "external": "BENCH_SHARED_DATABASE_URL",
+    }
+    return [
+        "- Machine: {}, {} CPUs, kernel {}. Python {}, Django {}, uvicorn {}; peers: {}; {}.".format(
+            meta.get("host_cpu") or "?",
+            meta.get("cpus"),
+            meta.get("kernel"),
+            meta.get("python") or "?",
+            meta.get("django") or "-",
+            meta.get("uvicorn") or "-",
+            ", ".join(peers) or "none installed",
+            meta.get("wrk") or "wrk",
+        ),
+        "- Pinning: one-process servers (gateway, peers) on CPU {}, mock upstreams and wrk on CPU {}. "
+        "Two processes: on CPUs {}, with wrk (one per process) and the mock upstreams on CPUs {}.".format(
+            meta.get("gateway_cpus") or "any",
+            meta.get("load_cpus") or "any",
+            " and ".join((meta.get("two_proc_cpus") or "any").split()),
+            meta.get("two_proc_load_cpus") or "any",
+        ),
+        "- Each round: {} warm-up, then {} at {} connection(s) and {} at {} connections; {} round(s), "
+        "servers restarted every round, even rounds in reverse order. Cells are round 1 / round 2 / …".format(
+            meta.get("warmup"),
+            meta.get("duration"),
+            meta.get("lat_conns"),
+            meta.get("duration"),
+            meta.get("tput_conns"),
+            meta.get("rounds"),
+        ),
+        "- Gateway DB: {}; with Redis: {}, Redis {}. Limits on the bench key and models: {}. git {}.".format(
+            meta.get("gateway_db", "?"),
+            shared.get(meta.get("shared_db", ""), "-"),
+            meta.get("redis") or "not used",
+            "on (never reached)" if meta.get("limits") == 1 else "off",
+            meta.get("git_rev") or "(no commit)",
+        ),
         "",
-        "Credits the bench user was charged while the server ran, against what the requests that got a 2xx "
-        f"answer should cost at {price_in} / {price_out} credits per 1M input / output tokens (token counts "
-        "from the upstream's usage block). About 1.0 means every request was billed once; requests still "
-        "in flight when wrk stopped can push it a little above 1.",
-        "",
-        "| round | target | 2xx requests sent | credits charged | expected | charged / expected |",
-        "|---|---|---|---|---|---|",
     ]
-    for b in bills:
-        rnd, target = b["round"], b["target"]
-        sent = 0
-        smokes = set()
-        for r in recs:
-            if r.get("kind") == "wrk" and r.get("round") == rnd and r.get("target") == target:
-                sent += max(0, r.get("requests", 0) - r.get("non2xx", 0))
-                smokes.add(r.get("mode"))
-        sent += len(smokes)  # one smoke request before each mode
-        try:
-            charged = float(b["credits_before"]) - float(b["credits_after"])
-        except (KeyError, TypeError, ValueError):
-            charged = None
-        usage = smoke_usage(run_dir, rnd, target)
-        expected = sent * (usage[0] * price_in + usage[1] * price_out) / 1e6 if usage else None
-        ratio = charged / expected if charged is not None and expected else None
-        lines.append(md_row(rnd, LABEL.get(target, target), sent, fmt(charged, 4), fmt(expected, 4), fmt(ratio, 3)))
-        jsonl.append(
-            {
-                "target": target,
-                "mode": "billing",
-                "round": rnd,
-                "requests_2xx": sent,
-                "credits_charged": charged,
-                "credits_expected": expected,
-                "charged_over_expected": ratio,
-            }
-        )
-    lines.append("")
 
 
 def main(argv):
@@ -371,44 +379,27 @@ def main(argv):
 
     lines = [f"# Benchmark run {meta.get('stamp', run_dir.name)}", ""]
     if meta:
-        lines += [
-            "- Machine: {}, {} CPUs, kernel {}. Python {}, Django {}, uvicorn {}, LiteLLM {}, {}.".format(
-                meta.get("host_cpu") or "?",
-                meta.get("cpus"),
-                meta.get("kernel"),
-                meta.get("python") or "?",
-                meta.get("django") or "-",
-                meta.get("uvicorn") or "-",
-                meta.get("litellm") or "not installed",
-                meta.get("wrk") or "wrk",
-            ),
-            "- Pinning: gateway/LiteLLM on CPU {}; mock upstreams and wrk on CPU {}. One server process.".format(
-                meta.get("gateway_cpus") or "any", meta.get("load_cpus") or "any"
-            ),
-            "- Each round: {} warm-up, then {} at {} connection(s) and {} at {} connections; {} round(s), "
-            "servers restarted every round, even rounds in reverse order. Cells are round 1 / round 2 / …".format(
-                meta.get("warmup"),
-                meta.get("duration"),
-                meta.get("lat_conns"),
-                meta.get("duration"),
-                meta.get("tput_conns"),
-                meta.get("rounds"),
-            ),
-            "- Gateway DB: {}. git {}.".format(meta.get("gateway_db", "?"), meta.get("git_rev") or "(no commit)"),
-            "",
-        ]
+        lines += header_lines(meta)
     lat_conns = meta.get("lat_conns", 1)
     tput_conns = meta.get("tput_conns", 32)
     jsonl = []
     modes = [m for m in ("json", "stream") if any(k[1] == m for k in runs.idx)]
+    bars = []
+    bars_section(runs, LABEL, meta, bars, jsonl)
+    at_bars = len(lines)
+    lines += bars
+    if modes:
+        lines += ["## All measurements", ""]
     for mode in modes:
         main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl)
     slow_table(runs, targets, meta, lines, jsonl)
     scale_table(runs, rss, meta, lines, jsonl)
     rss_table(rss, targets, lines, jsonl)
-    billing_table(recs, meta, run_dir, lines, jsonl)
+    wrong = billing_table(recs, meta, run_dir, LABEL, lines, jsonl)
+    # Right under the bars' table: a bar met by a gateway that does not charge is not met.
+    lines[at_bars + len(bars) : at_bars + len(bars)] = billing_warning(wrong, LABEL)
 
-    extra = [r for r in recs if r.get("kind") not in ("wrk", "rss", "error", "billing")]
+    extra = [r for r in recs if r.get("kind") not in ("wrk", "rss", "error", "billing", "smoke")]
     if extra:
         lines += ["### Other results (flex queue, …)", "", "```"]
         lines += [json.dumps(r) for r in extra]

@@ -1,11 +1,13 @@
 -- wrk script for the benchmark suite: POST one OpenAI-style request body over and over.
 --
---   wrk -t1 -c32 -d10s --latency -s bench/wrk/post.lua URL -- KEY MODEL STREAM [BODY_FILE]
+--   wrk -t1 -c32 -d10s --latency -s bench/wrk/post.lua URL -- KEY MODEL STREAM [BODY_FILE] [HEADERS]
 --
 --   KEY        bearer key ("" or "-" for none)
 --   MODEL      model name put into the built-in chat body (default bench-model)
 --   STREAM     "1" adds "stream": true and stream_options.include_usage (default "0")
---   BODY_FILE  optional file whose content is sent instead of the built-in chat body
+--   BODY_FILE  optional file whose content is sent instead of the built-in chat body ("" for none)
+--   HEADERS    optional extra request headers, "Name: value" pairs separated by ";" (a peer
+--              that routes by headers, such as the Portkey gateway, needs them)
 --
 -- At the end it prints exactly one line that starts with "BENCHJSON " followed by a JSON
 -- object: latency percentiles in ms, req/s and the error counts. "non2xx" counts every
@@ -35,6 +37,7 @@ function init(args)
   local model = args[2] or "bench-model"
   local stream = args[3] or "0"
   local body_file = args[4] or ""
+  local extra_headers = args[5] or ""
 
   local body
   if body_file ~= "" then
@@ -53,6 +56,12 @@ function init(args)
   end
   if key ~= "" and key ~= "-" then
     wrk.headers["Authorization"] = "Bearer " .. key
+  end
+  for pair in string.gmatch(extra_headers, "[^;]+") do
+    local name, value = string.match(pair, "^%s*([^:]-)%s*:%s*(.-)%s*$")
+    if name and name ~= "" then
+      wrk.headers[name] = value
+    end
   end
   non2xx = 0
   first_bad = 0
