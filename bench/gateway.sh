@@ -39,10 +39,15 @@ gateway_setup() {
   printf '%s\n' "$out" >>"$lf"
   SETUP_KEY=$(printf '%s\n' "$out" | tail -n 1 | tr -d '[:space:]')
   [[ -n "$SETUP_KEY" ]] || return 1
-  if [[ $LIMITS == 1 ]]; then
-    gw_env "$db"
-    env "${GW_ENV[@]}" SEED_USER=bench SEED_MODELS="bench-model bench-slow" \
-      "$PY" manage.py shell <"$BENCH_DIR/seed_limits.py" >>"$lf" 2>&1 || return 1
+  if [[ $LIMITS == 1 ]]; then # limits never reached: every request takes the limit checks' path
+    {
+      manage "$db" set_limits key bench bench --requests-per-second 1000000 --burst-size 1000000 \
+        --tokens-per-minute 1000000000 --spend-limit 1000000000 --spend-window month &&
+        for model in bench-model bench-slow; do
+          manage "$db" set_limits model "$model" --requests-per-second 1000000 --burst-size 1000000 \
+            --tokens-per-minute 1000000000 --capacity 100000 --max-output-tokens 4096 || return 1
+        done
+    } >>"$lf" 2>&1 || return 1
   fi
 }
 
