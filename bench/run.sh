@@ -162,7 +162,9 @@ LITELLM_PORT=$(free_port "${LITELLM_PORT:-18200}")
 # ------------------------------------------------------------------ gateway setup
 # gw_env DB_URL: sets GW_ENV, the environment every gateway command runs with.
 gw_env() {
-  GW_ENV=("DATABASE_URL=$1" DJANGO_SECRET_KEY=bench-secret DJANGO_DEBUG=0 'ALLOWED_HOSTS=*')
+  # A fixed throwaway Fernet key: the bench endpoints' credentials are encrypted at rest as in production.
+  GW_ENV=("DATABASE_URL=$1" DJANGO_SECRET_KEY=bench-secret GATEWAY_ENCRYPTION_KEYS=Ce1Y1ZhtUeMofhyL2xlKiK3zAh2JWAYCXPBF0TNtN5U=
+    DJANGO_DEBUG=0 'ALLOWED_HOSTS=*')
 }
 manage() { # manage DB_URL ARGS...
   gw_env "$1"

@@ -6,4 +6,4 @@ class GatewayConfig(AppConfig):
     verbose_name = "Gateway"
 
     def ready(self) -> None:
-        from gateway import signals  # noqa: F401  (snapshot invalidation receivers)
+        from gateway import checks, signals  # noqa: F401  (credential check; snapshot invalidation receivers)

@@ -119,13 +119,20 @@ async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-
 
 
 async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-    """ASGI lifespan: write pending usage and close the upstream client at shutdown."""
+    """ASGI lifespan: refuse to start on credentials no key decrypts; write pending usage and close
+    the upstream client at shutdown."""
     from gateway import clients
     from gateway.accounting import accountant
+    from gateway.checks import check_credentials
+    from gateway.db import in_thread
 
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            errors = await in_thread(check_credentials, databases=["default"])
+            if errors:
+                await send({"type": "lifespan.startup.failed", "message": "\n".join(e.msg for e in errors)})
+                return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -33,7 +33,7 @@ def add_endpoint(
     endpoint, created = Endpoint.objects.get_or_create(name=name, defaults={"base_url": base_url})
     endpoint.base_url = base_url.rstrip("/")
     if api_key is not None:
-        endpoint.api_key = api_key
+        endpoint.set_credential(api_key)
     if timeout_seconds is not None:
         endpoint.timeout_seconds = timeout_seconds
     endpoint.save()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 from accounts.models import User
@@ -66,8 +68,10 @@ class ThreadedServer:
 
 
 @pytest.fixture(scope="session")
-def gateway_server() -> Iterator[ThreadedServer]:
-    server = ThreadedServer().start()
+def gateway_server(django_db_setup, django_db_blocker) -> Iterator[ThreadedServer]:  # type: ignore[no-untyped-def]
+    # The gateway reads the database as it starts (the credential check in gateway.handler.lifespan).
+    with django_db_blocker.unblock():
+        server = ThreadedServer().start()
     yield server
     server.stop()
 
@@ -136,6 +140,16 @@ def live_database_url() -> str:
         return f"sqlite:///{db['NAME']}"
     auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
     return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def live_process_env() -> dict[str, str]:
+    """The environment of a child process sharing this test's database, and the keys that read its credentials."""
+    return {
+        **os.environ,
+        "DATABASE_URL": live_database_url(),
+        "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+        "GATEWAY_ENCRYPTION_KEYS": ",".join(settings.GATEWAY_ENCRYPTION_KEYS),
+    }
 
 
 def balance_of(user: User) -> Decimal:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from accounts.models import ApiKey
 from accounts.services import revoke_api_key
-from tests.conftest import live_database_url, wait_for
+from tests.conftest import live_process_env, wait_for
 from tests.upstream import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def second_gateway(world):  # type: ignore[no-untyped-def]
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret"}
+    env = live_process_env()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT,
