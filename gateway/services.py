@@ -1,4 +1,4 @@
-"""Catalog writes: the upstream endpoints and the models deployed on them."""
+"""Catalog writes: the upstream endpoints (and their encrypted credentials) and the models deployed on them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from accounts.models import AccessGroup
 from accounts.services import ensure_groups
 from billing.models import Tier
 from billing.services import set_tariff
-from gateway.models import DeployedModel, Endpoint, ModelKind
+from gateway.models import DeployedModel, Endpoint, ModelKind, decrypt_credentials
 
 
 @transaction.atomic
@@ -38,6 +38,23 @@ def add_endpoint(
         endpoint.timeout_seconds = timeout_seconds
     endpoint.save()
     return endpoint, created
+
+
+@transaction.atomic
+def rotate_credentials() -> int:
+    """Re-encrypt every stored upstream credential with the first key; returns how many.
+
+    All or nothing: if a credential cannot be decrypted, none is rewritten, and the
+    `UnreadableCredentials` raised names every such endpoint.
+    """
+    # Locked, so an edit made meanwhile is not overwritten with the credential read here.
+    endpoints = list(Endpoint.objects.select_for_update().exclude(api_key_encrypted=""))
+    credentials = decrypt_credentials(endpoints)
+    for endpoint in endpoints:
+        endpoint.set_credential(credentials[endpoint.pk])
+    # No post_save: the clear credentials, all the auth snapshot holds, have not changed.
+    Endpoint.objects.bulk_update(endpoints, ["api_key_encrypted"])
+    return len(endpoints)
 
 
 @transaction.atomic

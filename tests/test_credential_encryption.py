@@ -1,4 +1,4 @@
-"""Upstream credentials are encrypted at rest: a database dump alone leaks none."""
+"""Upstream credentials are encrypted at rest: a database dump alone leaks none, and the key rotates."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ from io import StringIO
 import pytest
 from asgiref.sync import sync_to_async
 from cryptography.fernet import Fernet
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from common.crypto import decrypt
+from common.crypto import UndecryptableToken, decrypt
 from gateway.checks import check_credentials
 from gateway.handler import lifespan
-from gateway.models import UnreadableCredentials
+from gateway.models import Endpoint, UnreadableCredentials
 from gateway.services import add_endpoint, add_model
 from gateway.snapshot import build_snapshot
 
 CREDENTIAL = "sk-upstream-do-not-leak"
 URL = "http://127.0.0.1:9/v1"
+NEW_KEY = Fernet.generate_key().decode()
 OTHER_KEY = Fernet.generate_key().decode()
 BEFORE = [("gateway", "0003_limits_and_budgets")]
 AFTER = [("gateway", "0004_encrypt_endpoint_credentials")]
@@ -46,6 +47,41 @@ def test_a_database_dump_shows_no_clear_credential():
     call_command("dumpdata", "gateway.endpoint", stdout=dump)
     assert CREDENTIAL not in dump.getvalue()
     assert decrypt(stored_token("vendor")) == CREDENTIAL  # stored, not dropped
+
+
+@pytest.mark.django_db
+def test_rotation_reencrypts_with_the_first_key_so_the_old_one_can_be_dropped(settings):
+    add_endpoint("vendor", URL, api_key=CREDENTIAL)
+    add_endpoint("keyless", URL)
+    before = stored_token("vendor")
+
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY, *settings.GATEWAY_ENCRYPTION_KEYS]
+    out = StringIO()
+    call_command("rotate_encryption_key", stdout=out)
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY]
+
+    assert "Re-encrypted 1 upstream credential " in out.getvalue()
+    assert stored_token("vendor") != before
+    assert Fernet(NEW_KEY).decrypt(stored_token("vendor").encode()).decode() == CREDENTIAL
+    assert Endpoint.objects.get(name="vendor").decrypt_credential() == CREDENTIAL
+    assert stored_token("keyless") == ""
+    with pytest.raises(UndecryptableToken):
+        decrypt(before)  # the old key is gone: only the re-encrypted value is still readable
+
+
+@pytest.mark.django_db
+def test_rotation_without_the_old_key_fails_naming_the_endpoint_and_rewrites_nothing(settings):
+    add_endpoint("vendor", URL, api_key=CREDENTIAL)
+    add_endpoint("readable", URL, api_key="another")
+    before = stored_token("vendor")
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY]
+    Endpoint.objects.filter(name="readable").update(api_key_encrypted=Fernet(NEW_KEY).encrypt(b"another").decode())
+    readable = stored_token("readable")
+
+    with pytest.raises(CommandError, match="endpoint 'vendor': put back the key"):
+        call_command("rotate_encryption_key")
+
+    assert (stored_token("vendor"), stored_token("readable")) == (before, readable)
 
 
 @pytest.mark.django_db
