@@ -5,7 +5,6 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
-from asgiref.sync import sync_to_async
 from cryptography.fernet import Fernet
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -13,6 +12,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from common.crypto import UndecryptableToken, decrypt
 from gateway.checks import check_credentials
+from gateway.db import in_thread
 from gateway.handler import lifespan
 from gateway.models import Endpoint, UnreadableCredentials
 from gateway.services import add_endpoint, add_model
@@ -101,7 +101,7 @@ def test_a_credential_no_key_decrypts_is_named_by_the_check_and_the_snapshot_bui
 
 @pytest.mark.django_db(transaction=True)
 async def test_the_gateway_refuses_to_start_naming_the_endpoint_it_cannot_read(settings):
-    await sync_to_async(add_endpoint)("vendor", URL, api_key=CREDENTIAL)
+    await in_thread(add_endpoint, "vendor", URL, api_key=CREDENTIAL)
     settings.GATEWAY_ENCRYPTION_KEYS = [OTHER_KEY]
     sent: list[dict[str, str]] = []
     # Then a shutdown, so a lifespan that wrongly starts still returns.
