@@ -30,8 +30,12 @@ lint: install-dev
 	$(VENV)/bin/ruff format --check .
 	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-lint-only-secret} $(VENV)/bin/mypy accounts billing routing_rules gateway dwctl_site common
 
+# A fixed key for test databases only (they are thrown away): never encrypt a real credential with it.
+TEST_ENCRYPTION_KEY := TGkIq7DIOkmcbWZFFEbMGaXyr9dQXowBubB_hyt2Edk=
+
 test: lint
-	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-test-only-secret} $(VENV)/bin/pytest
+	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-test-only-secret} \
+	GATEWAY_ENCRYPTION_KEYS=$${GATEWAY_ENCRYPTION_KEYS:-$(TEST_ENCRYPTION_KEY)} $(VENV)/bin/pytest
 
 bench: install-dev
 	bash bench/run.sh

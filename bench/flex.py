@@ -47,6 +47,8 @@ DELAY_MS = int(os.environ.get("FLEX_DELAY_MS", "1000"))
 WORKERS = int(os.environ.get("FLEX_WORKERS", "2"))
 LATENCY_SAMPLES = int(os.environ.get("FLEX_LATENCY_SAMPLES", "20"))
 SECRET = "bench-flex-secret-key"  # noqa: S105  (the throwaway Django secret of the bench processes)
+# The throwaway key that encrypts the bench endpoints' credentials (a fixed valid Fernet key).
+ENCRYPTION_KEY = "Ce1Y1ZhtUeMofhyL2xlKiK3zAh2JWAYCXPBF0TNtN5U="
 
 _children: list[subprocess.Popen[bytes]] = []
 
@@ -62,6 +64,7 @@ def child_env() -> dict[str, str]:
         **os.environ,
         "DATABASE_URL": DATABASE_URL,
         "DJANGO_SECRET_KEY": SECRET,
+        "GATEWAY_ENCRYPTION_KEYS": ENCRYPTION_KEY,
         "GATEWAY_QCLUSTER_WORKERS": str(WORKERS),
         "GATEWAY_LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "dwctl_site.settings"),
@@ -146,7 +149,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def setup_django() -> None:
-    os.environ.update({k: v for k, v in child_env().items() if k in {"DATABASE_URL", "DJANGO_SECRET_KEY"}})
+    os.environ.update(
+        {k: v for k, v in child_env().items() if k in {"DATABASE_URL", "DJANGO_SECRET_KEY", "GATEWAY_ENCRYPTION_KEYS"}}
+    )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dwctl_site.settings")
     sys.path.insert(0, str(ROOT))
     import django

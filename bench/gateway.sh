@@ -11,7 +11,9 @@
 # gw_env DB_URL [REDIS_PREFIX]: sets GW_ENV, the environment every gateway command runs with.
 # With a prefix the gateway uses Redis (BENCH_REDIS_URL) under that prefix.
 gw_env() {
-  GW_ENV=("DATABASE_URL=$1" DJANGO_SECRET_KEY=bench-secret DJANGO_DEBUG=0 'ALLOWED_HOSTS=*')
+  # A fixed throwaway Fernet key: the bench endpoints' credentials are encrypted at rest as in production.
+  GW_ENV=("DATABASE_URL=$1" DJANGO_SECRET_KEY=bench-secret GATEWAY_ENCRYPTION_KEYS=Ce1Y1ZhtUeMofhyL2xlKiK3zAh2JWAYCXPBF0TNtN5U=
+    DJANGO_DEBUG=0 'ALLOWED_HOSTS=*')
   if [[ -n "${2:-}" ]]; then GW_ENV+=("REDIS_URL=$BENCH_REDIS_URL" "REDIS_PREFIX=$2"); fi
 }
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dj_database_url
+from cryptography.fernet import Fernet
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 ENV_ERRORS: list[str] = []
@@ -44,6 +46,42 @@ def env_int(name: str, default: int, *, minimum: int = 1) -> int:
         ENV_ERRORS.append(f"{name}={raw!r} must be at least {minimum}.")
         return default
     return value
+
+
+def generated_secret(file_name: str, make: Callable[[], str]) -> str:
+    """A secret made once into an owner-only file beside the embedded database, then reused.
+
+    The file is written aside and linked into place: of two processes starting at the same moment
+    one links first and the other reads that whole file, so neither keeps a secret the file lost.
+    """
+    path = BASE_DIR / file_name
+    if not path.exists():
+        draft = path.with_name(f"{file_name}.{os.getpid()}")
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(make())
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+def fernet_keys(source: str, raw: str) -> list[str]:
+    """Comma-separated Fernet keys; a malformed one is reported by position, never echoed (it is a secret)."""
+    keys = [key.strip() for key in raw.split(",") if key.strip()]
+    if not keys:
+        ENV_ERRORS.append(f"{source} holds no key.")
+    for position, key in enumerate(keys, start=1):
+        try:
+            Fernet(key)
+        except ValueError:
+            ENV_ERRORS.append(
+                f"{source}: key {position} of {len(keys)} is not a Fernet key (32 url-safe base64-encoded bytes)."
+            )
+            return []
+    return keys
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -105,14 +143,29 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
     if EMBEDDED:
         # The embedded default keeps a generated key beside the database so sessions survive restarts.
-        key_file = BASE_DIR / ".secret_key"
-        if not key_file.exists():
-            key_file.write_text(secrets.token_urlsafe(50))
-            key_file.chmod(0o600)
-        SECRET_KEY = key_file.read_text().strip()
+        SECRET_KEY = generated_secret(".secret_key", lambda: secrets.token_urlsafe(50))
     else:
         ENV_ERRORS.append("DJANGO_SECRET_KEY is not set: a deployment with DATABASE_URL needs its own secret key.")
         SECRET_KEY = "unset-" + secrets.token_urlsafe(32)
+
+# --- encryption keys (upstream credentials at rest, common/crypto.py) -----------------------
+# The first key encrypts, every key decrypts: a new key goes first, the old one stays after it
+# until `manage.py rotate_encryption_key` has re-encrypted what it made.
+_encryption_keys = os.environ.get("GATEWAY_ENCRYPTION_KEYS", "")
+if _encryption_keys.strip():
+    GATEWAY_ENCRYPTION_KEYS = fernet_keys("GATEWAY_ENCRYPTION_KEYS", _encryption_keys)
+elif EMBEDDED:
+    # Beside the database, like .secret_key: losing this file loses the stored credentials.
+    GATEWAY_ENCRYPTION_KEYS = fernet_keys(
+        str(BASE_DIR / ".encryption_key"), generated_secret(".encryption_key", lambda: Fernet.generate_key().decode())
+    )
+else:
+    ENV_ERRORS.append(
+        "GATEWAY_ENCRYPTION_KEYS is not set: a deployment with DATABASE_URL needs its own key "
+        "to encrypt upstream credentials (see README.md, 'Upstream credentials')."
+    )
+    # No fallback key: a credential encrypted with a key nobody keeps could never be read again.
+    GATEWAY_ENCRYPTION_KEYS = []
 
 # --- redis ----------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")

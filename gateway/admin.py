@@ -23,7 +23,7 @@ from routing_rules.models import TrafficRule
 
 
 class EndpointForm(forms.ModelForm):
-    """The upstream credential is write-only: never rendered, kept when left blank."""
+    """The upstream credential is write-only: never rendered (clear or encrypted), kept when left blank."""
 
     base_url = forms.URLField(
         max_length=500,
@@ -53,19 +53,13 @@ class EndpointForm(forms.ModelForm):
             "connect_timeout_seconds",
         )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Never let the stored value reach the page, not even as an initial value.
-        self.initial["api_key"] = ""
-
-    def clean(self) -> dict[str, Any]:
-        super().clean()
-        cleaned = self.cleaned_data
-        if cleaned.get("clear_api_key"):
-            cleaned["api_key"] = ""
-        elif not cleaned.get("api_key") and self.instance.pk:
-            cleaned["api_key"] = self.instance.api_key
-        return cleaned
+    def save(self, commit: bool = True) -> Endpoint:
+        # The credential is not a model field: the model encrypts it, and a blank field keeps it.
+        if self.cleaned_data.get("clear_api_key"):
+            self.instance.set_credential("")
+        elif self.cleaned_data.get("api_key"):
+            self.instance.set_credential(self.cleaned_data["api_key"])
+        return super().save(commit)
 
 
 @admin.register(Endpoint)
@@ -80,7 +74,7 @@ class EndpointAdmin(admin.ModelAdmin):
 
     @admin.display(description="credential", boolean=True)
     def has_credential(self, endpoint: Endpoint) -> bool:
-        return bool(endpoint.api_key)
+        return endpoint.has_credential
 
     @admin.display(description="models", ordering="model_total")
     def model_count(self, endpoint: Endpoint) -> int:

@@ -8,7 +8,7 @@ class GatewayConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
-        from gateway import signals  # noqa: F401  (snapshot invalidation receivers)
+        from gateway import checks, signals  # noqa: F401  (credential check; snapshot invalidation receivers)
 
         if "pool" in settings.DATABASES["default"].get("OPTIONS", {}):
             from gateway.db import reconnect_steadily

@@ -125,15 +125,20 @@ async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-
 
 
 async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-    """ASGI lifespan: write the journals of processes that died at start; write this process's
-    journal and close the upstream client at shutdown."""
+    """ASGI lifespan: refuse to start on credentials no key decrypts, and write the journals of
+    processes that died; write this process's journal and close the upstream client at shutdown."""
     from gateway import clients
     from gateway.accounting import accountant
+    from gateway.checks import check_credentials
     from gateway.db import in_thread
 
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            errors = await in_thread(check_credentials, databases=["default"])
+            if errors:
+                await send({"type": "lifespan.startup.failed", "message": "\n".join(e.msg for e in errors)})
+                return
             try:
                 await in_thread(accountant.drain_orphans)
             except Exception:

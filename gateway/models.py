@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -10,7 +11,21 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import AMOUNT, Tier
+from common.crypto import UndecryptableToken, decrypt, encrypt
 from common.limits import rate_limit_errors
+
+
+class UnreadableCredentials(ValueError):
+    """Stored upstream credentials that no key of GATEWAY_ENCRYPTION_KEYS decrypts."""
+
+    def __init__(self, endpoints: Iterable[str]) -> None:
+        self.endpoints = sorted(endpoints)
+        names = ", ".join(f"'{name}'" for name in self.endpoints)
+        super().__init__(
+            f"No key in GATEWAY_ENCRYPTION_KEYS decrypts the upstream credential of "
+            f"endpoint{'s' if len(self.endpoints) != 1 else ''} {names}: put back the key it was encrypted "
+            "with (after the first), or enter the credential again."
+        )
 
 
 class Endpoint(models.Model):
@@ -18,7 +33,12 @@ class Endpoint(models.Model):
 
     name = models.CharField(max_length=100, unique=True)
     base_url = models.URLField(max_length=500, help_text="Up to and including /v1, e.g. https://api.openai.com/v1")
-    api_key = models.CharField(max_length=500, blank=True, help_text="The upstream credential. Write-only.")
+    # Never in clear: a database dump alone must not hand out every upstream credential.
+    api_key_encrypted = models.TextField(
+        blank=True,
+        editable=False,
+        help_text="The upstream credential, encrypted (common/crypto.py); empty for none. Write-only.",
+    )
     auth_header = models.CharField(max_length=100, default="Authorization")
     auth_prefix = models.CharField(max_length=50, default="Bearer ", blank=True)
     timeout_seconds = models.PositiveIntegerField(default=600, help_text="Whole upstream call, in seconds.")
@@ -34,6 +54,37 @@ class Endpoint(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def has_credential(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+    def set_credential(self, credential: str) -> None:
+        """Store the upstream credential encrypted ("" for none); like `User.set_password`, the caller saves."""
+        self.api_key_encrypted = encrypt(credential) if credential else ""
+
+    def decrypt_credential(self) -> str:
+        """The clear upstream credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
+        if not self.api_key_encrypted:
+            return ""
+        try:
+            return decrypt(self.api_key_encrypted)
+        except UndecryptableToken:
+            raise UnreadableCredentials([self.name]) from None
+
+
+def decrypt_credentials(endpoints: Iterable[Endpoint]) -> dict[int, str]:
+    """The clear credential of each endpoint by id; `UnreadableCredentials` names every one that fails."""
+    credentials: dict[int, str] = {}
+    unreadable: list[str] = []
+    for endpoint in endpoints:
+        try:
+            credentials[endpoint.pk] = endpoint.decrypt_credential()
+        except UnreadableCredentials:
+            unreadable.append(endpoint.name)
+    if unreadable:
+        raise UnreadableCredentials(unreadable)
+    return credentials
 
 
 class ModelKind(models.TextChoices):

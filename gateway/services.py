@@ -1,4 +1,5 @@
-"""Catalog writes: the upstream endpoints, the models deployed on them, and the models' limits."""
+"""Catalog writes: the upstream endpoints (and their encrypted credentials), the models deployed on
+them, and the models' limits."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from accounts.services import ensure_groups
 from billing.models import Tier
 from billing.services import set_tariff
 from common.limits import save_validated
-from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind
+from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, decrypt_credentials
 
 
 @transaction.atomic
@@ -35,11 +36,28 @@ def add_endpoint(
     endpoint, created = Endpoint.objects.get_or_create(name=name, defaults={"base_url": base_url})
     endpoint.base_url = base_url.rstrip("/")
     if api_key is not None:
-        endpoint.api_key = api_key
+        endpoint.set_credential(api_key)
     if timeout_seconds is not None:
         endpoint.timeout_seconds = timeout_seconds
     endpoint.save()
     return endpoint, created
+
+
+@transaction.atomic
+def rotate_credentials() -> int:
+    """Re-encrypt every stored upstream credential with the first key; returns how many.
+
+    All or nothing: if a credential cannot be decrypted, none is rewritten, and the
+    `UnreadableCredentials` raised names every such endpoint.
+    """
+    # Locked, so an edit made meanwhile is not overwritten with the credential read here.
+    endpoints = list(Endpoint.objects.select_for_update().exclude(api_key_encrypted=""))
+    credentials = decrypt_credentials(endpoints)
+    for endpoint in endpoints:
+        endpoint.set_credential(credentials[endpoint.pk])
+    # No post_save: the clear credentials, all the auth snapshot holds, have not changed.
+    Endpoint.objects.bulk_update(endpoints, ["api_key_encrypted"])
+    return len(endpoints)
 
 
 @transaction.atomic

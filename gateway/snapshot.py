@@ -23,7 +23,7 @@ from accounts.models import AccessGroup, ApiKey
 from billing.models import Tariff
 from billing.services import paid_tiers, prices_at
 from gateway.db import in_thread
-from gateway.models import DeployedModel, SnapshotVersion
+from gateway.models import DeployedModel, SnapshotVersion, decrypt_credentials
 from routing_rules.models import RuleAction, TrafficRule
 
 logger = logging.getLogger(__name__)
@@ -141,10 +141,14 @@ def build_snapshot() -> Snapshot:
         target = live[rule.target_id].alias if rule.target_id else ""
         rules.setdefault(rule.model_id, {})[rule.purpose] = (rule.action, target)
 
+    # Raises, naming them, if a credential cannot be decrypted: a model is never called without its
+    # credential, nor silently dropped; a running process keeps its previous snapshot (_watch).
+    credentials = decrypt_credentials({model.endpoint_id: model.endpoint for model in live.values()}.values())
     models = {}
     for model in live.values():
         endpoint = model.endpoint
-        auth_headers = {endpoint.auth_header: f"{endpoint.auth_prefix}{endpoint.api_key}"} if endpoint.api_key else {}
+        credential = credentials[endpoint.id]
+        auth_headers = {endpoint.auth_header: f"{endpoint.auth_prefix}{credential}"} if credential else {}
         groups = model_groups.get(model.id, set())
         models[model.alias] = ModelEntry(
             id=model.id,

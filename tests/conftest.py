@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 from accounts.models import User
@@ -101,7 +102,7 @@ class GatewayProcess:
     def __init__(self, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret", **env}
+        self.env = {**live_process_env(), **env}
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> GatewayProcess:
@@ -129,8 +130,10 @@ class GatewayProcess:
 
 
 @pytest.fixture(scope="session")
-def gateway_server() -> Iterator[ThreadedServer]:
-    server = ThreadedServer().start()
+def gateway_server(django_db_setup, django_db_blocker) -> Iterator[ThreadedServer]:  # type: ignore[no-untyped-def]
+    # The gateway reads the database as it starts (the credential check in gateway.handler.lifespan).
+    with django_db_blocker.unblock():
+        server = ThreadedServer().start()
     yield server
     server.stop()
 
@@ -199,6 +202,16 @@ def live_database_url() -> str:
         return f"sqlite:///{db['NAME']}"
     auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
     return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def live_process_env() -> dict[str, str]:
+    """The environment of a child process sharing this test's database, and the keys that read its credentials."""
+    return {
+        **os.environ,
+        "DATABASE_URL": live_database_url(),
+        "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+        "GATEWAY_ENCRYPTION_KEYS": ",".join(settings.GATEWAY_ENCRYPTION_KEYS),
+    }
 
 
 def balance_of(user: User) -> Decimal:

@@ -251,25 +251,27 @@ def test_the_endpoint_change_page_never_renders_the_stored_credential(staff_clie
     endpoint, _ = add_endpoint("local", "http://127.0.0.1:9/v1", api_key=UPSTREAM_CREDENTIAL)
     url = reverse("admin:gateway_endpoint_change", args=[endpoint.pk])
     page = staff_client.get(url)
-    assert UPSTREAM_CREDENTIAL not in page.content.decode()
-    assert UPSTREAM_CREDENTIAL not in staff_client.get(reverse("admin:gateway_endpoint_changelist")).content.decode()
+    listing = staff_client.get(reverse("admin:gateway_endpoint_changelist")).content.decode()
+    for shown in (page.content.decode(), listing):
+        assert UPSTREAM_CREDENTIAL not in shown
+        assert endpoint.api_key_encrypted not in shown  # nor the encrypted value
 
     data = form_data(page)
     assert not data.get("api_key")
     data["timeout_seconds"] = "30"
     assert staff_client.post(url, data).status_code == 302
     endpoint.refresh_from_db()
-    assert (endpoint.api_key, endpoint.timeout_seconds) == (UPSTREAM_CREDENTIAL, 30)  # blank kept it
+    assert (endpoint.decrypt_credential(), endpoint.timeout_seconds) == (UPSTREAM_CREDENTIAL, 30)  # blank kept it
 
     data["api_key"] = "a-new-credential"
     staff_client.post(url, data)
     endpoint.refresh_from_db()
-    assert endpoint.api_key == "a-new-credential"
+    assert endpoint.decrypt_credential() == "a-new-credential"
 
     data["api_key"], data["clear_api_key"] = "", "on"
     staff_client.post(url, data)
     endpoint.refresh_from_db()
-    assert endpoint.api_key == ""
+    assert endpoint.api_key_encrypted == ""
 
 
 def test_everyones_delete_page_is_refused(staff_client: Client) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from decimal import Decimal
@@ -21,7 +20,7 @@ from billing.models import Balance, CreditTransaction, Tariff
 from gateway.models import DeployedModel, Endpoint
 from gateway.services import add_endpoint, add_model
 from routing_rules.models import TrafficRule
-from tests.conftest import live_database_url
+from tests.conftest import live_process_env
 
 MANAGE = Path(settings.BASE_DIR) / "manage.py"
 
@@ -58,7 +57,7 @@ def test_add_endpoint_creates_then_updates_by_name(db) -> None:
     lines = run("add_endpoint", "local", "https://example.com/v1", "--timeout", "60")
     assert lines[-1].startswith("Updated endpoint 'local'")
     endpoint = Endpoint.objects.get()
-    assert (endpoint.base_url, endpoint.timeout_seconds, endpoint.api_key) == (
+    assert (endpoint.base_url, endpoint.timeout_seconds, endpoint.decrypt_credential()) == (
         "https://example.com/v1",
         60,
         "upstream-secret",
@@ -300,7 +299,7 @@ def test_ensure_admin_does_nothing_when_a_superuser_exists(admin_user: User) -> 
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
+    env = live_process_env()
     return subprocess.run(
         [sys.executable, str(MANAGE), *args], capture_output=True, text=True, env=env, timeout=120, check=False
     )

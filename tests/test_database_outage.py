@@ -6,7 +6,6 @@ The gateway runs on a PostgreSQL server of this test's own, which the test stops
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import psycopg
 import pytest
 from django.db import connection
 
-from tests.conftest import HELLO, ROOT, GatewayProcess, wait_for
+from tests.conftest import HELLO, ROOT, GatewayProcess, live_process_env, wait_for
 from tests.upstream import free_port
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
@@ -87,12 +86,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_an_outage_under_load_serves_realtime_and_bills_every_answer_once(world, cluster):
-    env = {
-        **os.environ,
-        "DATABASE_URL": cluster.url,
-        "DJANGO_SECRET_KEY": "test-only-secret",
-        "REDIS_PREFIX": f"outage{cluster.port}",
-    }
+    env = {**live_process_env(), "DATABASE_URL": cluster.url, "REDIS_PREFIX": f"outage{cluster.port}"}
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
     seeded = subprocess.run(

@@ -18,7 +18,7 @@ from gateway.jobs import create_job
 from gateway.models import DeployedModel, InferenceRequest, JobState
 from gateway.queue import claim_jobs, sweep_jobs
 from gateway.worker import run_flex_jobs
-from tests.conftest import HELLO, WorkerThread, drain, flex_charges, live_database_url, post, upstream_calls, wait_for
+from tests.conftest import HELLO, WorkerThread, drain, flex_charges, live_process_env, post, upstream_calls, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,7 +159,7 @@ def test_a_worker_killed_mid_job_is_swept_and_the_job_completes_once(world, user
     body = post(
         world, secret, "responses", {"model": "held", "input": "hi", "service_tier": "flex", "background": True}
     ).json()
-    env = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": settings.SECRET_KEY}
+    env = live_process_env()
     cluster = subprocess.Popen(
         [sys.executable, str(MANAGE), "qcluster"],
         env=env,

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
+POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
 
 
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -25,7 +27,10 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
         ({"GATEWAY_MAX_BODY_BYTES": "lots"}, "GATEWAY_MAX_BODY_BYTES"),
         ({"DATABASE_URL": "mysql2://nowhere/db", "DJANGO_SECRET_KEY": "x"}, "DATABASE_URL"),
-        ({"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres"}, "DJANGO_SECRET_KEY"),
+        ({"DATABASE_URL": POSTGRES}, "DJANGO_SECRET_KEY"),
+        ({"DATABASE_URL": POSTGRES, "DJANGO_SECRET_KEY": "x"}, "GATEWAY_ENCRYPTION_KEYS"),
+        ({"GATEWAY_ENCRYPTION_KEYS": "not-a-fernet-key"}, "GATEWAY_ENCRYPTION_KEYS"),
+        ({"GATEWAY_ENCRYPTION_KEYS": " , "}, "GATEWAY_ENCRYPTION_KEYS"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
     ],
 )
@@ -38,6 +43,22 @@ def test_a_bad_variable_fails_the_checks_naming_it(env, named):
 def test_the_embedded_default_passes_the_checks():
     result = manage("check")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_malformed_encryption_key_is_named_by_position_and_never_echoed():
+    valid = Fernet.generate_key().decode()
+    malformed = Fernet.generate_key().decode()[:30]
+    result = manage("check", GATEWAY_ENCRYPTION_KEYS=f"{valid},{malformed}")
+    assert result.returncode != 0
+    assert "GATEWAY_ENCRYPTION_KEYS: key 2 of 2 is not a Fernet key" in result.stderr
+    assert malformed not in result.stderr
+
+
+def test_the_embedded_default_keeps_its_generated_encryption_key_owner_only():
+    assert manage("check").returncode == 0
+    key_file = ROOT / ".encryption_key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    Fernet(key_file.read_text().strip())  # a valid key
 
 
 def test_the_asgi_application_refuses_to_start_with_a_bad_variable():
