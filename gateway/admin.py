@@ -16,7 +16,15 @@ from billing.models import PRICE, Tariff, Tier
 from billing.services import set_tariff
 from common.admin import ReadOnlyAdmin
 from gateway.jobs import cancel_job
-from gateway.models import DeployedModel, Endpoint, InferenceRequest, InferenceRequestQuerySet, JobState, RequestLog
+from gateway.models import (
+    MODEL_LIMITS,
+    DeployedModel,
+    Endpoint,
+    InferenceRequest,
+    InferenceRequestQuerySet,
+    JobState,
+    RequestLog,
+)
 from routing_rules.models import TrafficRule
 
 # --- endpoints ------------------------------------------------------------------------------
@@ -121,12 +129,7 @@ class DeployedModelForm(forms.ModelForm):
             "upstream_model",
             "endpoint",
             "kind",
-            "requests_per_second",
-            "burst_size",
-            "tokens_per_minute",
-            "capacity",
-            "flex_concurrency",
-            "max_output_tokens",
+            *MODEL_LIMITS,
             "deleted_at",
         )
 
