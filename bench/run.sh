@@ -254,7 +254,17 @@ for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
   done
 done
 
-# ------------------------------------------------------------------ (c) flex queue hook
+# ------------------------------------------------------------------ (c) the journal's cost per call
+log "journal cost: bench/journal_cost.py"
+pin_to "$GATEWAY_CPUS"
+journal_line=$("${PIN[@]}" "$PY" "$BENCH_DIR/journal_cost.py" 2>>"$LOG_DIR/journal.log" | grep '^BENCHJSON ')
+if [[ -n "$journal_line" ]]; then
+  record kind=journal "${journal_line#BENCHJSON }"
+else
+  record kind=error target=journal what=run log=logs/journal.log
+fi
+
+# ------------------------------------------------------------------ (d) flex queue hook
 # Flex (batch/async queue) figures are added by bench/flex.py when it exists. It gets the
 # run's context in the environment and may append JSON lines (with "kind": "flex") to
 # $BENCH_RESULTS; the summary lists them in their own section.
