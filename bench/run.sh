@@ -289,8 +289,9 @@ target_start() {
       gw_env "$db"
       # Variants: the upstream client on httpx's API (httpx-aiohttp transport), or daphne as the server.
       if [[ $name == gateway-httpx ]]; then GW_ENV+=(GATEWAY_UPSTREAM_TRANSPORT=httpx); fi
-      local server=("$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT"
-        --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN")
+      # The production launcher: uvicorn (uvloop + httptools) with the gateway's protocol.
+      local server=("$PY" -m dwctl_site.server --host 127.0.0.1 --port "$GATEWAY_PORT"
+        --log-level warning --lifespan "$GATEWAY_LIFESPAN")
       if [[ $name == gateway-daphne ]]; then
         server=("$VENV/bin/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" dwctl_site.asgi:application)
       fi
