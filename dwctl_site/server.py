@@ -222,12 +222,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if idle < self.limits.body_timeout:
             self.body_timer = self.loop.call_later(self.limits.body_timeout - idle, self.body_timed_out)
         elif self.cycle.response_started:
+            # The app has answered, or is answering, without the whole body: only closing is left.
             self.transport.close()
         else:
             self.hand_over(refusals().body_timeout, target=self.url)
 
     def hand_over(self, refusal: Refusal, *, target: bytes | None) -> None:
         """Leave the connection to a `Refusing` protocol that answers `refusal`; this one is done with it."""
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            # An answer is under way (a pipelined head grew too large): no other can follow it.
+            self.transport.close()
+            return
         self.cancel_timers()
         self.connections.discard(self)
         if self.cycle is not None and not self.cycle.response_complete:
