@@ -11,10 +11,10 @@
 #   T_LOAD_CPUS            where wrk runs for this target (the mock upstreams are moved there too)
 #   T_READY_S              seconds from start to ready
 
-# gateway_server PORT -> sets SERVER, the uvicorn command line of one gateway process.
+# gateway_server PORT -> sets SERVER, the command line of one gateway process: the production
+# launcher, uvicorn (uvloop + httptools) with the gateway's bounded protocol.
 gateway_server() {
-  SERVER=("$VENV/bin/uvicorn" dwctl_site.asgi:application --host 127.0.0.1 --port "$1"
-    --loop uvloop --http httptools --no-access-log --log-level warning --lifespan "$GATEWAY_LIFESPAN")
+  SERVER=("$PY" -m dwctl_site.server --host 127.0.0.1 --port "$1" --log-level warning --lifespan "$GATEWAY_LIFESPAN")
 }
 
 # pin_mocks CPUS: move both mock upstreams (all their threads) to CPUS; empty = every CPU.

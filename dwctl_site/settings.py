@@ -207,6 +207,17 @@ if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
 # Django refuses larger bodies itself; the API enforces GATEWAY_MAX_BODY_BYTES with its own 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 
+# --- server (dwctl_site/server.py) -------------------------------------------------------------
+# What one client may hold of a gateway process. A larger request head gets a 431; a head not
+# complete within GATEWAY_HEADER_TIMEOUT seconds, or a body with no byte for GATEWAY_BODY_TIMEOUT
+# seconds, a 408. A process serves GATEWAY_MAX_CONNECTIONS connections: as many more get a 503,
+# and beyond that a connection is closed at once, so client sockets never take the descriptors
+# that upstream calls need.
+GATEWAY_MAX_HEADER_BYTES = env_int("GATEWAY_MAX_HEADER_BYTES", 64 * 1024, minimum=1024)
+GATEWAY_HEADER_TIMEOUT = env_int("GATEWAY_HEADER_TIMEOUT", 10)
+GATEWAY_BODY_TIMEOUT = env_int("GATEWAY_BODY_TIMEOUT", 30)
+GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 4096)
+
 # --- django-q2 ------------------------------------------------------------------------------
 Q_CLUSTER = {
     "name": "dwctl",

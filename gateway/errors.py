@@ -24,6 +24,7 @@ ERROR_TYPES = {
     408: "timeout",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "server_error",
     502: "upstream_error",
     503: "server_error",
@@ -39,6 +40,11 @@ DEADLINE_MESSAGE = "The flex request did not finish before its deadline."
 MODEL_RETIRED_MESSAGE = "The model of this request is no longer available."
 GATEWAY_STOPPED_MESSAGE = "The gateway process serving this request stopped before it finished. Please retry."
 CLIENT_GONE_MESSAGE = "The client disconnected."
+# Answers of the server itself (dwctl_site/server.py), to a client cut off before its request is read.
+HEADERS_TOO_LARGE_MESSAGE = "The request headers are larger than the limit of {limit} bytes."
+HEADERS_TIMEOUT_MESSAGE = "The request headers did not arrive within {seconds} seconds."
+BODY_TIMEOUT_MESSAGE = "The request body stopped arriving for {seconds} seconds."
+SERVER_BUSY_MESSAGE = "This gateway process is serving as many connections as it may. Please retry."
 
 
 def error_envelope(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:

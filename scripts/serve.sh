@@ -16,8 +16,8 @@ trap stop INT TERM EXIT
 
 $PY manage.py qcluster &
 pids+=($!)
-.venv/bin/uvicorn dwctl_site.asgi:application --host "$HOST" --port "$PORT" \
-  --loop uvloop --http httptools --no-access-log --lifespan on &
+# uvicorn with the gateway's protocol and defaults, and the open-file limit raised (dwctl_site/server.py).
+$PY -m dwctl_site.server --host "$HOST" --port "$PORT" &
 pids+=($!)
 echo "Gateway on http://$HOST:$PORT/ai/v1 — admin on http://$HOST:$PORT/admin/ (Ctrl-C stops)"
 wait -n

@@ -26,6 +26,10 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     [
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
         ({"GATEWAY_MAX_BODY_BYTES": "lots"}, "GATEWAY_MAX_BODY_BYTES"),
+        ({"GATEWAY_MAX_HEADER_BYTES": "64"}, "GATEWAY_MAX_HEADER_BYTES"),
+        ({"GATEWAY_HEADER_TIMEOUT": "0"}, "GATEWAY_HEADER_TIMEOUT"),
+        ({"GATEWAY_BODY_TIMEOUT": "soon"}, "GATEWAY_BODY_TIMEOUT"),
+        ({"GATEWAY_MAX_CONNECTIONS": "-1"}, "GATEWAY_MAX_CONNECTIONS"),
         ({"DATABASE_URL": "mysql2://nowhere/db", "DJANGO_SECRET_KEY": "x"}, "DATABASE_URL"),
         ({"DATABASE_URL": POSTGRES}, "DJANGO_SECRET_KEY"),
         ({"DATABASE_URL": POSTGRES, "DJANGO_SECRET_KEY": "x"}, "GATEWAY_ENCRYPTION_KEYS"),
