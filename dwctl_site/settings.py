@@ -198,6 +198,9 @@ GATEWAY_STREAM_DRAIN_SECONDS = float(env_int("GATEWAY_STREAM_DRAIN_SECONDS", 30,
 # Where each process journals its finished calls until they are written (gateway/journal.py): a
 # local directory every gateway process and worker of one host shares.
 GATEWAY_JOURNAL_DIR = os.environ.get("GATEWAY_JOURNAL_DIR", "") or str(BASE_DIR / "journal")
+# With Redis, a process holds a model's capacity slot on a lease it renews; a process that dies
+# gives its slots back when their leases run out.
+GATEWAY_CAPACITY_LEASE_SECONDS = float(env_int("GATEWAY_CAPACITY_LEASE_MS", 10_000)) / 1000
 # Upstream connections per process, and the library under gateway/clients.py.
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000)
 GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp")

@@ -13,6 +13,15 @@ from django.http import HttpRequest
 from gateway.snapshot import KeyEntry, ModelEntry
 
 
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """What a call left of one limit: its size, how much remains now, seconds until it is whole again."""
+
+    limit: int
+    remaining: int
+    reset: float
+
+
 class Route(StrEnum):
     REALTIME = "realtime"
     BACKGROUND = "background"  # realtime call run without the client: /responses with background: true
@@ -34,6 +43,9 @@ class GatewayCall:
     body_bytes: int = 0  # the size of the request body, for estimating its input tokens
     hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
     relaying: bool = False  # its upstream's stream is being relayed: a client that leaves is not waited for
+    # Left by the limit checks for the x-ratelimit-* headers: the tighter of the key's and the model's.
+    request_headroom: Headroom | None = None
+    token_headroom: Headroom | None = None
 
     @property
     def stream(self) -> bool:

@@ -111,6 +111,14 @@ def model_rate_limited(alias: str, wait: float) -> HttpResponse:
     return rate_limited(f"Rate limit reached for '{alias}'. Please slow down.", wait)
 
 
+def key_tokens_limited(wait: float) -> HttpResponse:
+    return rate_limited("Tokens per minute limit reached for this API key. Please slow down.", wait)
+
+
+def model_tokens_limited(alias: str, wait: float) -> HttpResponse:
+    return rate_limited(f"Tokens per minute limit reached for '{alias}'. Please slow down.", wait)
+
+
 def model_at_capacity(alias: str) -> HttpResponse:
     return rate_limited(f"'{alias}' is at capacity. Please retry shortly.", 1.0, "model_at_capacity")
 
