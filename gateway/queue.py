@@ -32,6 +32,7 @@ from gateway.errors import (
     MODEL_RETIRED_MESSAGE,
 )
 from gateway.jobs import GATEWAY_CLAIM_PREFIX, create_job, fail_jobs, failure_fields, outcome_fields
+from gateway.limits import count_key_tokens
 from gateway.models import DeployedModel, InferenceRequest, JobState
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
             if states[job.id] != JobState.PENDING:
                 records.append(outcome.record(job))
         account(records)
+    count_key_tokens(records)  # once committed: a key's tokens per minute counts its flex calls too
     return states
 
 

@@ -62,6 +62,7 @@ def record_call(
     cost replaces its credit reservation."""
     model = call.served
     committed = budget.settle(call, tokens if status < 400 else (None, None))
+    limits.count_tokens(call, *tokens)
     accountant.add(
         CallRecord(
             request_id=call.request_id,
