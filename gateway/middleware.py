@@ -76,6 +76,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
         if call is not None:
             # The id of every call past authentication; a /responses call's id is resp_<the same hex>.
             response[REQUEST_ID_HEADER] = f"req_{call.request_id}"
+            limits.add_headers(response, call)
         return response
 
     async def route(self, request: HttpRequest) -> HttpResponseBase:
