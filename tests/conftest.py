@@ -50,16 +50,17 @@ def own_journal(tmp_path_factory) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fresh_credit_accounts() -> None:
-    """Credit accounts in Redis are keyed by user id: a test database made again reuses the ids."""
+def fresh_redis_state() -> None:
+    """Credit accounts and limit counters in Redis are keyed by ids: a test database made again reuses them."""
     from django.conf import settings
 
     if settings.REDIS_URL:
         import redis
 
         client = redis.Redis.from_url(settings.REDIS_URL)
-        for key in client.scan_iter(f"{settings.REDIS_PREFIX}:credits:*"):
-            client.delete(key)
+        for kind in ("credits", "limits"):
+            for key in client.scan_iter(f"{settings.REDIS_PREFIX}:{kind}:*"):
+                client.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +128,29 @@ class GatewayProcess:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class StoppedClock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def limits_clock(monkeypatch) -> StoppedClock:
+    """The clock of rate limits and token windows (gateway.limits.clock), stopped for the test."""
+    from gateway import limits
+
+    clock = StoppedClock(time.time())
+    monkeypatch.setattr(limits, "clock", clock)
+    return clock
 
 
 @pytest.fixture(scope="session")
