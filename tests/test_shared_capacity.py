@@ -1,0 +1,127 @@
+"""A model's capacity is one count for every gateway process sharing Redis, held on leases: never
+exceeded across processes, and the slots of a process that was killed come back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+from gateway.models import DeployedModel
+from tests.conftest import HELLO, live_database_url, post, wait_for
+from tests.upstream import free_port
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(not settings.REDIS_URL, reason="capacity is shared across processes through Redis (REDIS_URL)"),
+]
+ROOT = Path(__file__).resolve().parent.parent
+HELD = {"model": "held", "messages": HELLO}
+
+
+@contextmanager
+def gateway_process(**env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Another gateway process on the test database and the same Redis."""
+    port = free_port()
+    environment = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret", **env}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=environment,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=30, interval=0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ai/v1/models", timeout=1).status_code == 401
+    except httpx.TransportError:
+        return False
+
+
+def sees_key(url: str, secret: str) -> bool:
+    return httpx.get(f"{url}/ai/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
+def held_capacity(capacity: int) -> None:
+    DeployedModel.objects.filter(alias="held").update(capacity=capacity)
+    DeployedModel.objects.get(alias="held").save()  # a save, so every snapshot sees the capacity
+
+
+def in_background(call: Callable[[], int], statuses: list[int]) -> threading.Thread:
+    def run() -> None:
+        try:
+            statuses.append(call())
+        except httpx.TransportError:
+            statuses.append(0)  # its gateway was killed
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def held_call(url: str, secret: str) -> int:
+    reply = httpx.post(
+        f"{url}/ai/v1/chat/completions", json=HELD, headers={"Authorization": f"Bearer {secret}"}, timeout=30
+    )
+    return reply.status_code
+
+
+def test_two_processes_never_run_more_calls_of_a_model_than_its_capacity(world, user_with_credits, make_key):
+    held_capacity(2)
+    secret = make_key(user_with_credits)
+    with gateway_process() as (other, _):
+        wait_for(lambda: sees_key(other, secret))
+        statuses: list[int] = []
+        # Three calls to each process at once: each alone has room for two.
+        threads = [in_background(lambda url=url: held_call(url, secret), statuses) for url in (world.url, other) * 3]
+
+        # The refusals come back at once; the admitted calls wait at the upstream until released.
+        wait_for(lambda: len(statuses) == 4, timeout=20)
+        assert statuses == [429] * 4
+        assert world.upstream.in_flight == 2
+        world.upstream.release.set()
+        for thread in threads:
+            thread.join(30)
+
+    assert sorted(statuses) == [200, 200, 429, 429, 429, 429]
+    assert world.upstream.peak_in_flight == 2
+
+
+def test_the_slots_of_a_killed_process_come_back_when_their_leases_run_out(world, user_with_credits, make_key):
+    held_capacity(2)
+    secret = make_key(user_with_credits)
+    background = {"model": "held", "input": "hi", "background": True}
+    with gateway_process(GATEWAY_CAPACITY_LEASE_MS="3000") as (other, process):
+        wait_for(lambda: sees_key(other, secret))
+        statuses: list[int] = []
+        # One slot held here, on a lease this process keeps renewing; the other held by the second process.
+        in_background(lambda: held_call(world.url, secret), statuses)
+        wait_for(lambda: world.upstream.in_flight == 1)
+        in_background(lambda: held_call(other, secret), statuses)
+        wait_for(lambda: world.upstream.in_flight == 2)
+        assert post(world, secret, "responses", background).status_code == 429  # this process knows of both
+
+        process.send_signal(signal.SIGKILL)  # no chance to give its slot back
+        process.wait(10)
+
+        # Once its lease (3 s) has run out its slot is free again: this call is admitted (202).
+        wait_for(lambda: post(world, secret, "responses", background).status_code == 202, timeout=30, interval=0.2)
+    world.upstream.release.set()
+    wait_for(lambda: sorted(statuses) == [0, 200])
