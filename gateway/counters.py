@@ -234,24 +234,36 @@ for i = 1, #KEYS, 2 do
 end
 """
 
-# KEYS: the model's slots, scored by lease expiry (ms, server clock). ARGV: capacity, lease ms, slot id.
-ACQUIRE = """
+# The set of a model's slots lives at least as long as its longest lease (never shortened: processes
+# may run with leases of different lengths), and goes once no process renews any.
+_SLOTS = """
 local time = redis.call('TIME')
 local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local function outlive(lease)
+  if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+end
+"""
+
+# KEYS: the model's slots, scored by lease expiry (ms, server clock). ARGV: capacity, lease ms, slot id.
+ACQUIRE = (
+    _SLOTS
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+outlive(tonumber(ARGV[2]))
 return 1
 """
+)
 
 # KEYS: the model's slots. ARGV: lease ms, then the slot ids to renew (only those still there).
-RENEW = """
-local time = redis.call('TIME')
-local expiry = time[1] * 1000 + math.floor(time[2] / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+RENEW = (
+    _SLOTS
+    + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
+outlive(tonumber(ARGV[1]))
 """
+)
 
 
 class _Link:
