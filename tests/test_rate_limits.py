@@ -6,8 +6,6 @@ from __future__ import annotations
 import openai
 import pytest
 
-from accounts.models import ApiKey
-from accounts.services import hash_secret
 from gateway.models import DeployedModel
 from tests.conftest import HELLO, WorkerThread, post, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
@@ -22,16 +20,6 @@ RATE_HEADERS = ("limit", "remaining", "reset")
 def limit_model(alias: str, **limits: int) -> None:
     DeployedModel.objects.filter(alias=alias).update(**limits)
     DeployedModel.objects.get(alias=alias).save()  # a save, so the snapshot sees the limits
-
-
-def limited_key(make_key, user, **limits: int) -> str:  # type: ignore[no-untyped-def]
-    """A new key with these limits (tokens per minute among them, which create_api_key does not take)."""
-    secret = make_key(user)
-    key = ApiKey.objects.get(secret_hash=hash_secret(secret))
-    for name, value in limits.items():
-        setattr(key, name, value)
-    key.save()
-    return secret
 
 
 def statuses(world, secret: str, count: int, request: dict = FREE) -> list[int]:  # type: ignore[no-untyped-def, type-arg]
@@ -72,7 +60,7 @@ def test_a_models_rate_counts_every_key_and_names_the_model(world, user_with_cre
 
 
 def test_a_key_out_of_tokens_for_the_minute_is_429_with_retry_after(world, user_with_credits, make_key, limits_clock):
-    secret = limited_key(make_key, user_with_credits, tokens_per_minute=2 * CALL_TOKENS)
+    secret = make_key(user_with_credits, tokens_per_minute=2 * CALL_TOKENS)
 
     assert statuses(world, secret, 3) == [200, 200, 429]  # the second call reaches the limit
     with pytest.raises(openai.RateLimitError) as refused:
@@ -108,7 +96,7 @@ def test_flex_calls_count_against_their_keys_tokens_but_not_the_models(
     world, user_with_credits, make_key, limits_clock
 ):
     limit_model("gpt-test", tokens_per_minute=CALL_TOKENS)
-    flex_key = limited_key(make_key, user_with_credits, tokens_per_minute=CALL_TOKENS)
+    flex_key = make_key(user_with_credits, tokens_per_minute=CALL_TOKENS)
     request = {"model": "gpt-test", "messages": HELLO}
 
     with WorkerThread():
@@ -120,7 +108,7 @@ def test_flex_calls_count_against_their_keys_tokens_but_not_the_models(
 
 
 def test_a_keys_limit_counts_tokens_of_responses_and_streamed_calls(world, user_with_credits, make_key, limits_clock):
-    secret = limited_key(make_key, user_with_credits, tokens_per_minute=2 * CALL_TOKENS)
+    secret = make_key(user_with_credits, tokens_per_minute=2 * CALL_TOKENS)
     client = world.client(secret)
 
     client.responses.create(model="free-model", input="hi")
@@ -138,9 +126,7 @@ def test_a_keys_limit_counts_tokens_of_responses_and_streamed_calls(world, user_
 def test_every_call_under_a_limit_tells_what_is_left_in_openais_headers(
     world, user_with_credits, make_key, limits_clock
 ):
-    client = world.client(
-        limited_key(make_key, user_with_credits, requests_per_second=1, burst_size=5, tokens_per_minute=1000)
-    )
+    client = world.client(make_key(user_with_credits, requests_per_second=1, burst_size=5, tokens_per_minute=1000))
 
     first = client.chat.completions.with_raw_response.create(**FREE)
     second = client.chat.completions.with_raw_response.create(**FREE)
@@ -165,7 +151,7 @@ def test_the_headers_report_the_tighter_of_the_keys_and_the_models_limits(
     world, user_with_credits, make_key, limits_clock
 ):
     limit_model("free-model", requests_per_second=1, burst_size=2, tokens_per_minute=10_000)
-    secret = limited_key(make_key, user_with_credits, requests_per_second=10, burst_size=10, tokens_per_minute=100)
+    secret = make_key(user_with_credits, requests_per_second=10, burst_size=10, tokens_per_minute=100)
     client = world.client(secret)
 
     client.chat.completions.create(**FREE)

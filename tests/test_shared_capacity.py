@@ -17,6 +17,7 @@ import pytest
 from django.conf import settings
 
 from gateway.models import DeployedModel
+from gateway.services import add_endpoint, add_model
 from tests.conftest import HELLO, live_database_url, post, wait_for
 from tests.upstream import free_port
 
@@ -25,7 +26,10 @@ pytestmark = [
     pytest.mark.skipif(not settings.REDIS_URL, reason="capacity is shared across processes through Redis (REDIS_URL)"),
 ]
 ROOT = Path(__file__).resolve().parent.parent
-HELD = {"model": "held", "messages": HELLO}
+# The fake upstream's `held` behind an endpoint that waits for it (the world's gives up after 3 s):
+# a call admitted here ends when the test releases it, or after the upstream's own 30 s.
+PATIENT = "held-patient"
+HELD = {"model": PATIENT, "messages": HELLO}
 
 
 @contextmanager
@@ -59,9 +63,11 @@ def sees_key(url: str, secret: str) -> bool:
     return httpx.get(f"{url}/ai/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
 
 
-def held_capacity(capacity: int) -> None:
-    DeployedModel.objects.filter(alias="held").update(capacity=capacity)
-    DeployedModel.objects.get(alias="held").save()  # a save, so every snapshot sees the capacity
+def patient_model(world, capacity: int) -> None:  # type: ignore[no-untyped-def]
+    endpoint, _ = add_endpoint("patient", world.upstream.base_url, timeout_seconds=60)
+    add_model(PATIENT, endpoint=endpoint, upstream_model="held", groups=["research"])
+    DeployedModel.objects.filter(alias=PATIENT).update(capacity=capacity)
+    DeployedModel.objects.get(alias=PATIENT).save()  # a save, so every snapshot sees the capacity
 
 
 def in_background(call: Callable[[], int], statuses: list[int]) -> threading.Thread:
@@ -84,7 +90,7 @@ def held_call(url: str, secret: str) -> int:
 
 
 def test_two_processes_never_run_more_calls_of_a_model_than_its_capacity(world, user_with_credits, make_key):
-    held_capacity(2)
+    patient_model(world, 2)
     secret = make_key(user_with_credits)
     with gateway_process() as (other, _):
         wait_for(lambda: sees_key(other, secret))
@@ -105,9 +111,9 @@ def test_two_processes_never_run_more_calls_of_a_model_than_its_capacity(world, 
 
 
 def test_the_slots_of_a_killed_process_come_back_when_their_leases_run_out(world, user_with_credits, make_key):
-    held_capacity(2)
+    patient_model(world, 2)
     secret = make_key(user_with_credits)
-    background = {"model": "held", "input": "hi", "background": True}
+    background = {"model": PATIENT, "input": "hi", "background": True}
     with gateway_process(GATEWAY_CAPACITY_LEASE_MS="3000") as (other, process):
         wait_for(lambda: sees_key(other, secret))
         statuses: list[int] = []
@@ -120,8 +126,11 @@ def test_the_slots_of_a_killed_process_come_back_when_their_leases_run_out(world
 
         process.send_signal(signal.SIGKILL)  # no chance to give its slot back
         process.wait(10)
+        wait_for(lambda: statuses == [0])  # its client saw the connection drop
 
-        # Once its lease (3 s) has run out its slot is free again: this call is admitted (202).
-        wait_for(lambda: post(world, secret, "responses", background).status_code == 202, timeout=30, interval=0.2)
+        # Once its lease (3 s) has run out its slot is free again: this call is admitted (202), while the
+        # first call still holds the other slot (until released, or the upstream's 30 s).
+        wait_for(lambda: post(world, secret, "responses", background).status_code == 202, timeout=20, interval=0.2)
+        assert statuses == [0]  # this process's call still holds its slot: the dead one's came back
     world.upstream.release.set()
-    wait_for(lambda: sorted(statuses) == [0, 200])
+    wait_for(lambda: statuses == [0, 200])
