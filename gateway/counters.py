@@ -13,6 +13,7 @@ on the caller's clock (``now``, from ``gateway.limits.clock``), so tests can set
 are leases on the Redis server's clock: a process renews the leases of the slots it holds, so the
 slots of a process that died come back when their leases run out. In memory the same steps run
 under one lock (a flex worker thread counts tokens beside the event loop); slots are a count.
+While Redis cannot be reached, each operation falls back to memory: limited per process meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -308,8 +310,12 @@ def _lease_ms() -> int:
 
 
 class RedisCounters:
+    """The counters in Redis, so that every process shares them. While Redis cannot be reached, each
+    operation falls back to this process's memory: calls keep being served, limited per process."""
+
     def __init__(self, url: str, prefix: str) -> None:
         self.url, self.prefix = url, f"{prefix}:limits"
+        self.local = MemoryCounters()
         self._links: dict[asyncio.AbstractEventLoop, _Link] = {}
         self._sync_count: redis.commands.core.Script | None = None
         self._slot_ids = itertools.count()
@@ -334,7 +340,11 @@ class RedisCounters:
     async def check(self, scope: str, rate: Rate | None, tokens_per_minute: int | None, now: float) -> Verdict:
         per_second, burst = (rate.per_second, rate.burst) if rate is not None else (0, 0)
         args = [repr(now), per_second, burst, tokens_per_minute or 0, TOKEN_WINDOW_SECONDS]
-        wait, by_tokens, level, used, reset = await self._link().check(keys=self._keys(scope), args=args)
+        try:
+            wait, by_tokens, level, used, reset = await self._link().check(keys=self._keys(scope), args=args)
+        except redis.RedisError as exc:
+            _unreachable(exc)
+            return await self.local.check(scope, rate, tokens_per_minute, now)
         return Verdict(
             None if float(wait) < 0 else float(wait),
             by_tokens == 1,
@@ -350,14 +360,25 @@ class RedisCounters:
 
     def count(self, scopes: list[str], member: str, tokens: int, now: float) -> None:
         link = self._link()
+        link.start(asyncio.get_running_loop().create_task(self._count(link, scopes, member, tokens, now)))
+
+    async def _count(self, link: _Link, scopes: list[str], member: str, tokens: int, now: float) -> None:
         keys, args = self._count_call(scopes, member, tokens, now)
-        link.start(asyncio.get_running_loop().create_task(link.count(keys=keys, args=args)))
+        try:
+            await link.count(keys=keys, args=args)
+        except redis.RedisError as exc:
+            _unreachable(exc)
+            self.local.count_now(scopes, member, tokens, now)
 
     def count_now(self, scopes: list[str], member: str, tokens: int, now: float) -> None:
         if self._sync_count is None:
             self._sync_count = redis.Redis.from_url(self.url).register_script(COUNT)
         keys, args = self._count_call(scopes, member, tokens, now)
-        self._sync_count(keys=keys, args=args)
+        try:
+            self._sync_count(keys=keys, args=args)
+        except redis.RedisError as exc:
+            _unreachable(exc)
+            self.local.count_now(scopes, member, tokens, now)
 
     def _slots_key(self, model_id: int) -> str:
         return f"{self.prefix}:capacity:{model_id}"
@@ -365,14 +386,21 @@ class RedisCounters:
     async def acquire(self, model_id: int, capacity: int) -> str | None:
         link = self._link()
         key, lease = self._slots_key(model_id), f"{self._process}:{next(self._slot_ids)}"
-        if not await link.acquire(keys=[key], args=[capacity, _lease_ms(), lease]):
-            return None
+        try:
+            if not await link.acquire(keys=[key], args=[capacity, _lease_ms(), lease]):
+                return None
+        except redis.RedisError as exc:
+            _unreachable(exc)
+            return await self.local.acquire(model_id, capacity)  # "": a slot of this process's own
         link.held.setdefault(key, set()).add(lease)
         if link.renewer is None or link.renewer.done():
             link.renewer = asyncio.get_running_loop().create_task(link.keep_leases())
         return lease
 
     async def release(self, model_id: int, lease: str) -> None:
+        if not lease:
+            await self.local.release(model_id, lease)
+            return
         link, key = self._link(), self._slots_key(model_id)
         held = link.held.get(key)
         if held is not None:
@@ -385,6 +413,17 @@ class RedisCounters:
             await asyncio.shield(removal)
         except redis.RedisError:
             logger.warning("Could not release a capacity slot of %s; its lease will run out", key, exc_info=True)
+
+
+_warned_at = 0.0
+
+
+def _unreachable(exc: Exception) -> None:
+    """Say so at most every ten seconds, not on every call."""
+    global _warned_at
+    if time.monotonic() - _warned_at > 10:
+        _warned_at = time.monotonic()
+        logger.warning("Redis is unreachable; counting limits in this process's memory meanwhile: %s", exc)
 
 
 @cache

@@ -12,6 +12,7 @@ from django.conf import settings
 from gateway.call import Headroom
 from gateway.counters import MemoryCounters, Rate, RedisCounters
 from gateway.limits import duration
+from tests.upstream import free_port
 
 T = 1_800_000_000.0  # any instant: the counters read no clock of their own
 BURST_OF_3 = Rate(per_second=1.0, burst=3)
@@ -164,6 +165,21 @@ async def test_a_renewed_lease_outlives_its_first_term(settings):
 
     await asyncio.sleep(0.5)  # past the first term, whatever the load: a renewal is what keeps it
     assert await other.acquire(7, 1) is None
+
+
+async def test_while_redis_is_unreachable_the_limits_hold_per_process():
+    away = RedisCounters(f"redis://127.0.0.1:{free_port()}/0", "away")
+
+    assert [await passes(away, BURST_OF_3) for _ in range(4)] == [True, True, True, False]
+    away.count_now(["key:1"], "a", 100, T)
+    away.count(["key:1"], "b", 100, T)
+    await asyncio.gather(*away._link().pending)
+    assert (await away.check("key:1", None, 200, T)).wait is not None  # both counts, here
+    lease = await away.acquire(7, 1)
+    assert lease is not None
+    assert await away.acquire(7, 1) is None
+    await away.release(7, lease)
+    assert await away.acquire(7, 1) is not None
 
 
 # --- OpenAI's durations ------------------------------------------------------------------------------
