@@ -3,14 +3,8 @@ exceeded across processes, and the slots of a process that was killed come back.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -18,45 +12,16 @@ from django.conf import settings
 
 from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
-from tests.conftest import HELLO, live_database_url, post, wait_for
-from tests.upstream import free_port
+from tests.conftest import HELLO, GatewayProcess, post, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(not settings.REDIS_URL, reason="capacity is shared across processes through Redis (REDIS_URL)"),
 ]
-ROOT = Path(__file__).resolve().parent.parent
 # The fake upstream's `held` behind an endpoint that waits for it (the world's gives up after 3 s):
 # a call admitted here ends when the test releases it, or after the upstream's own 30 s.
 PATIENT = "held-patient"
 HELD = {"model": PATIENT, "messages": HELLO}
-
-
-@contextmanager
-def gateway_process(**env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Another gateway process on the test database and the same Redis."""
-    port = free_port()
-    environment = {**os.environ, "DATABASE_URL": live_database_url(), "DJANGO_SECRET_KEY": "test-only-secret", **env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "dwctl_site.asgi:application", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=environment,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(url), timeout=30, interval=0.2)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(10)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ai/v1/models", timeout=1).status_code == 401
-    except httpx.TransportError:
-        return False
 
 
 def sees_key(url: str, secret: str) -> bool:
@@ -92,7 +57,8 @@ def held_call(url: str, secret: str) -> int:
 def test_two_processes_never_run_more_calls_of_a_model_than_its_capacity(world, user_with_credits, make_key):
     patient_model(world, 2)
     secret = make_key(user_with_credits)
-    with gateway_process() as (other, _):
+    with GatewayProcess() as process:
+        other = process.url
         wait_for(lambda: sees_key(other, secret))
         statuses: list[int] = []
         # Three calls to each process at once: each alone has room for two.
@@ -114,7 +80,8 @@ def test_the_slots_of_a_killed_process_come_back_when_their_leases_run_out(world
     patient_model(world, 2)
     secret = make_key(user_with_credits)
     background = {"model": PATIENT, "input": "hi", "background": True}
-    with gateway_process(GATEWAY_CAPACITY_LEASE_MS="3000") as (other, process):
+    with GatewayProcess(GATEWAY_CAPACITY_LEASE_MS="3000") as process:
+        other = process.url
         wait_for(lambda: sees_key(other, secret))
         statuses: list[int] = []
         # One slot held here, on a lease this process keeps renewing; the other held by the second process.
@@ -124,8 +91,7 @@ def test_the_slots_of_a_killed_process_come_back_when_their_leases_run_out(world
         wait_for(lambda: world.upstream.in_flight == 2)
         assert post(world, secret, "responses", background).status_code == 429  # this process knows of both
 
-        process.send_signal(signal.SIGKILL)  # no chance to give its slot back
-        process.wait(10)
+        process.kill()  # SIGKILL: no chance to give its slot back
         wait_for(lambda: statuses == [0])  # its client saw the connection drop
 
         # Once its lease (3 s) has run out its slot is free again: this call is admitted (202), while the
