@@ -23,7 +23,6 @@ import itertools
 import logging
 import math
 import threading
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import redis.asyncio
 from django.conf import settings
 
 from gateway.call import Headroom
+from gateway.redis_state import warn_unreachable
 
 logger = logging.getLogger(__name__)
 TOKEN_WINDOW_SECONDS = 60.0
@@ -343,7 +343,7 @@ class RedisCounters:
         try:
             wait, by_tokens, level, used, reset = await self._link().check(keys=self._keys(scope), args=args)
         except redis.RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("limits", exc)
             return await self.local.check(scope, rate, tokens_per_minute, now)
         return Verdict(
             None if float(wait) < 0 else float(wait),
@@ -367,7 +367,7 @@ class RedisCounters:
         try:
             await link.count(keys=keys, args=args)
         except redis.RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("limits", exc)
             self.local.count_now(scopes, member, tokens, now)
 
     def count_now(self, scopes: list[str], member: str, tokens: int, now: float) -> None:
@@ -377,7 +377,7 @@ class RedisCounters:
         try:
             self._sync_count(keys=keys, args=args)
         except redis.RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("limits", exc)
             self.local.count_now(scopes, member, tokens, now)
 
     def _slots_key(self, model_id: int) -> str:
@@ -390,7 +390,7 @@ class RedisCounters:
             if not await link.acquire(keys=[key], args=[capacity, _lease_ms(), lease]):
                 return None
         except redis.RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("limits", exc)
             return await self.local.acquire(model_id, capacity)  # "": a slot of this process's own
         link.held.setdefault(key, set()).add(lease)
         if link.renewer is None or link.renewer.done():
@@ -413,17 +413,6 @@ class RedisCounters:
             await asyncio.shield(removal)
         except redis.RedisError:
             logger.warning("Could not release a capacity slot of %s; its lease will run out", key, exc_info=True)
-
-
-_warned_at = 0.0
-
-
-def _unreachable(exc: Exception) -> None:
-    """Say so at most every ten seconds, not on every call."""
-    global _warned_at
-    if time.monotonic() - _warned_at > 10:
-        _warned_at = time.monotonic()
-        logger.warning("Redis is unreachable; counting limits in this process's memory meanwhile: %s", exc)
 
 
 @cache

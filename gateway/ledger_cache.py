@@ -31,6 +31,8 @@ from typing import Any
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from gateway.redis_state import warn_unreachable
+
 logger = logging.getLogger(__name__)
 PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its lease
 LEASE_SECONDS = 30
@@ -177,7 +179,7 @@ class RedisCache:
         try:
             self.renew()
         except RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("credits", exc)
         threading.Thread(target=self._keep_lease, name="credits-lease", daemon=True).start()
 
     def _scripts(self) -> tuple[Any, Any]:
@@ -219,7 +221,7 @@ class RedisCache:
         try:
             return self._refusal(seeds, await self._scripts()[0](keys=keys, args=args))
         except RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("credits", exc)
             return self.local.reserve(seeds, nanos, need)
 
     def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
@@ -227,14 +229,14 @@ class RedisCache:
         try:
             return self._refusal(seeds, self.sync_reserve_script(keys=keys, args=args))
         except RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("credits", exc)
             return self.local.reserve(seeds, nanos, need)
 
     def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
         try:
             self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
         except RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("credits", exc)
             self.local.move(account, reserved=reserved, recorded=recorded)
 
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
@@ -242,7 +244,7 @@ class RedisCache:
         try:
             await self._scripts()[1](keys=[self.prefix + account], args=args)
         except RedisError as exc:
-            _unreachable(exc)
+            warn_unreachable("credits", exc)
             self.local.move(account, reserved=reserved, recorded=recorded)
 
     def seen(self, seed: Seed) -> None:
@@ -250,18 +252,7 @@ class RedisCache:
         try:
             self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])
         except RedisError as exc:
-            _unreachable(exc)
-
-
-_warned_at = 0.0
-
-
-def _unreachable(exc: Exception) -> None:
-    """Say so at most every ten seconds, not on every call."""
-    global _warned_at
-    if time.monotonic() - _warned_at > 10:
-        _warned_at = time.monotonic()
-        logger.warning("Redis is unreachable; counting credits in this process's memory meanwhile: %s", exc)
+            warn_unreachable("credits", exc)
 
 
 @cache
