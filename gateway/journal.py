@@ -5,13 +5,16 @@ own in ``GATEWAY_JOURNAL_DIR``, with one ``write()`` each (it survives the proce
 segment is ``fsync``-ed when sealed, every flush interval, for a machine that goes down). A process
 holds an exclusive ``flock`` on every segment it has not yet written to the database, so a segment
 nobody holds belongs to a process that died: the next process that looks takes its lock and writes
-it (never two at once). A segment is deleted only once its records are in the database; while the
-database is away the sealed segments wait on disk, not in memory.
+it (never two at once). A segment's name carries a digest of its database, so processes of several
+databases may share the directory: each writes only its own database's segments. A segment is
+deleted only once its records are in the database; while the database is away the sealed segments
+wait on disk, not in memory.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -58,8 +61,9 @@ class Segment:
 class Journal:
     """This process's segments: one open for appending, the sealed ones not yet written."""
 
-    def __init__(self, directory: Path, process: str) -> None:
-        self.directory, self.process = directory, process
+    def __init__(self, directory: Path, process: str, database: str = "db") -> None:
+        # `database` names the database the records belong to: a segment is only ever written to its own.
+        self.directory, self.process, self.database = directory, process, database
         self.lock = threading.Lock()
         self.number = 0
         self.current: Segment | None = None
@@ -69,7 +73,7 @@ class Journal:
     def _open(self) -> Segment:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.number += 1
-        path = self.directory / f"{os.getpid()}-{self.process}-{self.number:08d}{SUFFIX}"
+        path = self.directory / f"{self.database}-{os.getpid()}-{self.process}-{self.number:08d}{SUFFIX}"
         fd = _lock(path, os.O_CREAT | os.O_EXCL)
         assert fd is not None, f"{path} is new: nobody else can hold it"
         return Segment(path, fd)
@@ -107,7 +111,7 @@ class Journal:
         ours = {segment.path for segment in self.sealed}
         if self.current is not None:
             ours.add(self.current.path)
-        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+        for path in sorted(self.directory.glob(f"{self.database}-*{SUFFIX}")):
             if path in ours:
                 continue
             try:
@@ -130,5 +134,7 @@ def journal() -> Journal:
     if _journal is None:
         from gateway.ledger_cache import PROCESS
 
-        _journal = Journal(Path(settings.GATEWAY_JOURNAL_DIR), PROCESS)
+        db = settings.DATABASES["default"]
+        where = f"{db['ENGINE']}:{db.get('HOST', '')}:{db.get('PORT', '')}:{db['NAME']}"
+        _journal = Journal(Path(settings.GATEWAY_JOURNAL_DIR), PROCESS, hashlib.sha256(where.encode()).hexdigest()[:12])
     return _journal

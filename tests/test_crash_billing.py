@@ -92,3 +92,12 @@ def os_close_all(journal: Journal) -> None:
     for segment in journal.sealed:
         os.close(segment.fd)
     journal.sealed.clear()
+
+
+def test_a_journal_of_another_database_is_never_taken(tmp_path):
+    dead = Journal(tmp_path, "dead", database="other")
+    dead.append(_Line(1))
+    dead.seal()
+    os_close_all(dead)  # its writer is gone: nobody holds it
+    assert list(Journal(tmp_path, "ours", database="ours").orphans()) == []
+    assert len(list(Journal(tmp_path, "next", database="other").orphans())) == 1
