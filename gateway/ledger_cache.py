@@ -19,7 +19,6 @@ on every account it spends against, in one atomic step (one Lua script, one roun
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 import uuid
@@ -33,7 +32,6 @@ from redis.exceptions import RedisError
 
 from gateway.redis_state import warn_unreachable
 
-logger = logging.getLogger(__name__)
 PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its lease
 LEASE_SECONDS = 30
 RENEW_SECONDS = 5
@@ -202,8 +200,8 @@ class RedisCache:
             time.sleep(RENEW_SECONDS)
             try:
                 self.renew()
-            except Exception:
-                logger.warning("Could not renew this process's credit lease; retrying", exc_info=True)
+            except RedisError as exc:
+                warn_unreachable("credits", exc)  # the next round renews
 
     def _reserve_args(self, seeds: list[Seed], nanos: int, need: int) -> tuple[list[str], list[Any]]:
         args: list[Any] = [PROCESS, self.lease, nanos, need, ACCOUNT_TTL_SECONDS]
