@@ -173,7 +173,6 @@ class RedisCache:
         self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.seed_script = self.sync.register_script(_SEED + "seed(KEYS[1], ARGV[1], ARGV[2])")
         self.local = MemoryCache()
-        self.renewed = 0.0
         try:
             self.renew()
         except RedisError as exc:
@@ -193,7 +192,6 @@ class RedisCache:
 
     def renew(self) -> None:
         self.sync.set(self.lease + PROCESS, 1, ex=LEASE_SECONDS)
-        self.renewed = time.monotonic()
 
     def _keep_lease(self) -> None:
         while True:
