@@ -25,7 +25,14 @@ GATEWAY_CLAIM_PREFIX = "gateway:"
 GATEWAY_PROCESS = f"{GATEWAY_CLAIM_PREFIX}{socket.gethostname()}:{os.getpid()}"
 
 
-def create_job(
+def create_job(**fields: Any) -> InferenceRequest:
+    """Record a request that must be remembered: a queued job, a background call, a /responses call."""
+    job = build_job(**fields)
+    job.save(force_insert=True)
+    return job
+
+
+def build_job(
     *,
     job_id: uuid.UUID,
     owner_id: int,
@@ -40,12 +47,12 @@ def create_job(
     deadline_seconds: int | None = None,
     **outcome: Any,
 ) -> InferenceRequest:
-    """Record a request that must be remembered: a queued job, a background call, a /responses call.
+    """The record of a request, not yet saved (see create_job).
 
     `outcome` sets further fields at once (response_status, response_body, …) for a finished call.
     """
     now = timezone.now()
-    return InferenceRequest.objects.create(
+    return InferenceRequest(
         id=job_id,
         owner_id=owner_id,
         api_key_id=api_key_id,
@@ -88,11 +95,18 @@ def failure_fields(status: int, message: str, code: str) -> dict[str, Any]:
     }
 
 
-def record_response(
+def finished_response(
     *, status: int, body: Any, tokens: tuple[int | None, int | None], **fields: Any
 ) -> InferenceRequest:
+    """The record of a finished real-time /responses call, not yet saved."""
+    return build_job(**fields, **outcome_fields(status, body, tokens=tokens), completed_at=timezone.now())
+
+
+def record_response(**fields: Any) -> InferenceRequest:
     """Record a finished real-time /responses call in one write, so GET finds it at once."""
-    return create_job(**fields, **outcome_fields(status, body, tokens=tokens), completed_at=timezone.now())
+    job = finished_response(**fields)
+    job.save(force_insert=True)
+    return job
 
 
 def finish_job(

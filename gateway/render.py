@@ -15,30 +15,82 @@ def json_response(payload: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
 
 
+# OpenAI's ResponseErrorCode is a closed list: an upstream's own code passes only if it is on it.
+RESPONSE_ERROR_CODES = frozenset(
+    {
+        "server_error", "rate_limit_exceeded", "invalid_prompt", "data_residency_mismatch", "bio_policy",
+        "vector_store_timeout", "invalid_image", "invalid_image_format", "invalid_base64_image",
+        "invalid_image_url", "image_too_large", "image_too_small", "image_parse_error",
+        "image_content_policy_violation", "invalid_image_mode", "image_file_too_large",
+        "unsupported_image_media_type", "empty_image_file", "failed_to_download_image", "image_file_not_found",
+    }
+)  # fmt: skip
+# What a Response says about its request when the request did not say (OpenAI's defaults).
+REQUEST_DEFAULTS: dict[str, Any] = {
+    "instructions": None,
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "temperature": None,
+    "top_p": None,
+    "metadata": {},
+}
+
+
+def response_error(job: InferenceRequest) -> dict[str, str]:
+    """A failed job's error as a Response carries it: a ResponseErrorCode and a message."""
+    body = job.response_body if isinstance(job.response_body, dict) else {}
+    upstream: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
+    code = upstream.get("code")
+    if code not in RESPONSE_ERROR_CODES:
+        code = {429: "rate_limit_exceeded", 400: "invalid_prompt"}.get(job.response_status or 500, "server_error")
+    return {"code": code, "message": job.error or upstream.get("message") or "The request failed."}
+
+
+def response_usage(usage: Any) -> dict[str, Any] | None:
+    """An upstream's Responses usage with the breakdowns OpenAI always sends (zero when not reported)."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+        return None
+    input_tokens, output_tokens = usage["input_tokens"], usage.get("output_tokens") or 0
+    cached = {"cached_tokens": 0, "cache_write_tokens": 0}
+    return {
+        **usage,
+        "input_tokens_details": {**cached, **(usage.get("input_tokens_details") or {})},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0, **(usage.get("output_tokens_details") or {})},
+        "total_tokens": usage.get("total_tokens", input_tokens + output_tokens),
+    }
+
+
 def response_object(job: InferenceRequest) -> dict[str, Any]:
-    """The OpenAI response object for a recorded call or job, in whatever state it is."""
-    body = job.response_body
-    if job.state == JobState.COMPLETED and isinstance(body, dict):
-        payload = dict(body)
-    else:
-        payload = {
-            "object": "response",
-            "created_at": int(job.created_at.timestamp()),
-            "model": job.model_alias,
-            "output": [],
-            "usage": None,
-            "error": None,
-        }
-        if job.state == JobState.FAILED:
-            upstream_error = body.get("error") if isinstance(body, dict) else None
-            message = job.error or (upstream_error or {}).get("message") or "The request failed."
-            payload["error"] = {"code": str((upstream_error or {}).get("code") or "server_error"), "message": message}
-    payload.update(
-        id=job.public_id,
-        status=job.openai_status,
-        background=job.background,
-        service_tier="flex" if job.service_tier == "flex" else "default",
-    )
+    """The OpenAI Response object for a recorded call or job, in whatever state it is.
+
+    The one builder of every Response the gateway writes: its id, creation time and model (the alias
+    the client asked for) never change between states, and it says what the request asked.
+    """
+    request = job.request_body if isinstance(job.request_body, dict) else {}
+    completed = job.state == JobState.COMPLETED and isinstance(job.response_body, dict)
+    upstream: dict[str, Any] = dict(job.response_body) if completed else {}  # type: ignore[arg-type]
+    usage = response_usage(upstream.pop("usage", None))
+    status = upstream.get("status") if upstream.get("status") == "incomplete" else job.openai_status
+    payload = {
+        **upstream,
+        "id": job.public_id,
+        "object": "response",
+        "created_at": int(job.created_at.timestamp()),
+        "status": status,
+        "completed_at": int(job.completed_at.timestamp()) if completed and job.completed_at else None,
+        "model": request.get("model") or job.model_alias,
+        "output": upstream.get("output") or [],
+        "error": response_error(job) if job.state == JobState.FAILED else None,
+        "incomplete_details": upstream.get("incomplete_details"),
+        "background": job.background,
+        "service_tier": "flex" if job.service_tier == "flex" else "default",
+    }
+    for name, default in REQUEST_DEFAULTS.items():
+        payload[name] = request.get(name, upstream.get(name, default))
+    if usage is not None:
+        payload["usage"] = usage
     return payload
 
 
@@ -49,7 +101,10 @@ def job_reply(job: InferenceRequest, *, stream: bool) -> HttpResponse:
         if job.path == "responses":
             payload = response_object(job)
             return replay_response(payload, status) if stream else json_response(payload, status)
-        return replay_chat(job.response_body, status) if stream else json_response(job.response_body, status)
+        completion = {**job.response_body, "service_tier": "flex" if job.service_tier == "flex" else "default"}
+        if not stream:
+            return json_response(completion, status)
+        return replay_chat(completion, status, include_usage=include_usage(job.request_body))
     if job.state == JobState.CANCELED:
         return openai_error(409, "The request was cancelled before it finished.", code="cancelled")
     if job.state in (JobState.PENDING, JobState.CLAIMED, JobState.PROCESSING):
@@ -75,16 +130,24 @@ def event_stream(body: bytes, status: int) -> HttpResponse:
     return response
 
 
-def replay_chat(completion: dict[str, Any], status: int) -> HttpResponse:
-    """A finished chat.completion as the chunks a streamed call would have sent, usage last."""
+def include_usage(body: Any) -> bool:
+    """Whether a streamed chat call asked for the usage chunk (`stream_options.include_usage`)."""
+    options = body.get("stream_options") if isinstance(body, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def replay_chat(completion: dict[str, Any], status: int, *, include_usage: bool) -> HttpResponse:
+    """A finished chat.completion as the chunks a streamed call would have sent, and the usage
+    chunk last when the client asked for it."""
     base = {
         "id": completion.get("id"),
         "object": "chat.completion.chunk",
         "created": completion.get("created"),
         "model": completion.get("model"),
     }
-    if completion.get("system_fingerprint") is not None:
-        base["system_fingerprint"] = completion["system_fingerprint"]
+    for name in ("service_tier", "system_fingerprint"):
+        if completion.get(name) is not None:
+            base[name] = completion[name]
     chunks = []
     for choice in completion.get("choices") or []:
         message = dict(choice.get("message") or {})
@@ -97,7 +160,7 @@ def replay_chat(completion: dict[str, Any], status: int) -> HttpResponse:
         chunks.append(sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]}))
         done = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
         chunks.append(sse({**base, "choices": [done]}))
-    if completion.get("usage") is not None:
+    if include_usage and completion.get("usage") is not None:
         chunks.append(sse({**base, "choices": [], "usage": completion["usage"]}))
     chunks.append(b"data: [DONE]\n\n")
     return event_stream(b"".join(chunks), status)
@@ -110,7 +173,8 @@ def replay_response(response: dict[str, Any], status: int) -> HttpResponse:
     def emit(kind: str, **fields: Any) -> None:
         events.append(sse({"type": kind, "sequence_number": len(events), **fields}, kind))
 
-    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    started = {key: value for key, value in response.items() if key != "usage"}
+    started.update(status="in_progress", output=[], error=None, incomplete_details=None, completed_at=None)
     emit("response.created", response=started)
     emit("response.in_progress", response=started)
     for output_index, item in enumerate(response.get("output") or []):

@@ -166,6 +166,33 @@ class SSEUsage:
 
 
 StreamEnded = Callable[[int, SSEUsage, float | None, bool], None]
+USAGE_CHUNK_MARKS = (b'"choices":[]', b'"choices": []')
+
+
+class UsageChunkDropper:
+    """Takes the usage-only chunk (`choices: []`) out of a relayed chat stream whose client did not
+    ask for it: the gateway asks every upstream for usage to bill from, and a client that did not
+    ask reads `chunk.choices[0]` on every chunk. Passes whole events only, so it holds back the
+    tail of a chunk until the event it starts is complete."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def __call__(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        end = data.rfind(b"\n\n") + 2
+        complete, self.pending = data[:end], data[end:]
+        if not any(mark in complete for mark in USAGE_CHUNK_MARKS):
+            return complete
+        events = complete.split(b"\n\n")
+        kept = [event for event in events if not (event and any(mark in event for mark in USAGE_CHUNK_MARKS))]
+        return b"\n\n".join(kept)
+
+    def rest(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
 
 
 async def relay_stream(
@@ -173,12 +200,16 @@ async def relay_stream(
     status: int,
     on_end: StreamEnded,
     transform: Callable[[bytes], bytes] | None = None,
+    *,
+    drop_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     """Pass an upstream SSE stream through chunk by chunk, and report its end to `on_end` once:
     before the final event goes out, so a finished call is on record before its client has all
     of it. `on_end` also hears whether the stream was cut short before its usage arrived (a
     client that left and was not waited for, see gateway.handler): then only the gateway's own
-    count of what passed is known."""
+    count of what passed is known. With `drop_usage`, the usage-only chat chunk is billed from but
+    not relayed (see UsageChunkDropper)."""
+    dropper = UsageChunkDropper() if drop_usage else None
     started = time.perf_counter()
     watcher = SSEUsage()
     ttfb_ms = None
@@ -191,7 +222,13 @@ async def relay_stream(
             if watcher.finished and not ended:
                 ended = True
                 on_end(status, watcher, ttfb_ms, False)
+            if dropper is not None:
+                chunk = dropper(chunk)
+                if not chunk:
+                    continue
             yield transform(chunk) if transform else chunk
+        if dropper is not None and dropper.pending:
+            yield dropper.rest()
     except clients.UpstreamError as exc:
         status = failure_of(exc).status
     finally:

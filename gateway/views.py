@@ -25,9 +25,9 @@ from gateway import budget, clients, errors, limits
 from gateway.accounting import CallRecord, accountant
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
-from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, record_response
+from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, finished_response
 from gateway.models import InferenceRequest, JobState
-from gateway.render import json_response, response_object
+from gateway.render import include_usage, json_response, response_object
 from gateway.snapshot import aget_snapshot
 from gateway.upstream import (
     SSEUsage,
@@ -156,13 +156,13 @@ async def stream(
     *,
     transform: Callable[[bytes], bytes] | None = None,
     final: Callable[[SSEUsage], Any] | None = None,
-    on_end: Callable[[StreamEnd], Coroutine[Any, Any, None]] | None = None,
+    on_end: Callable[[StreamEnd], Coroutine[Any, Any, HttpResponseBase | None]] | None = None,
 ) -> HttpResponseBase:
     """Serve a `stream: true` call: relay the upstream's event stream, or pass on what it answered instead.
 
     `on_end` hears how the call ended, once: awaited before replying when the upstream failed or
-    answered without a stream, run as a task when a relayed stream ends. `final` picks the final
-    body out of a relayed stream.
+    answered without a stream (and what it returns, if anything, is the reply then), run as a task
+    when a relayed stream ends. `final` picks the final body out of a relayed stream.
     """
     chunks = upstream_chunks(call)
     try:
@@ -180,7 +180,9 @@ async def stream(
         record_call(call, result.status, tokens=result.tokens)
         if on_end is not None:
             error = error_message(result) if result.status >= 400 else ""
-            await on_end(StreamEnd(result.status, parse_json(result.body), result.tokens, error))
+            reply = await on_end(StreamEnd(result.status, parse_json(result.body), result.tokens, error))
+            if reply is not None:
+                return reply
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
     def ended(status: int, usage: SSEUsage, ttfb_ms: float | None, cut: bool) -> None:
@@ -199,8 +201,10 @@ async def stream(
             _finishing.add(task)
             task.add_done_callback(_finishing.discard)
 
+    # The gateway always asks a chat upstream for usage (to bill from); the client gets it if it asked.
+    drop_usage = call.path == "chat/completions" and not include_usage(call.body)
     response = StreamingHttpResponse(
-        relay_stream(chunks, head.status, ended, transform), content_type=head.content_type
+        relay_stream(chunks, head.status, ended, transform, drop_usage=drop_usage), content_type=head.content_type
     )
     call.relaying = True  # a client that leaves now is not waited for (gateway.handler)
     response["Cache-Control"] = "no-cache"
@@ -242,19 +246,21 @@ async def responses(call: GatewayCall) -> HttpResponseBase:
         return await stream_response(call, job_id)
     result = await call_within_capacity(call)
     payload = with_id(parse_json(result.body), job_id)
-    job = {**call.job_fields(call.requested_alias), "status": result.status, "body": payload, "tokens": result.tokens}
+    outcome = {"status": result.status, "body": payload, "tokens": result.tokens}
+    fields = {**call.job_fields(call.requested_alias), **outcome}
+    record = finished_response(**fields)
     try:
         # Recorded before the reply, so the id the client receives can be read back at once.
-        await in_thread(record_response, **job)
+        await in_thread(record.save, force_insert=True)
         journaled = None
     except DATABASE_ERRORS:
         # The upstream has answered: never throw that away. The journal records it once the database is back.
         logger.warning("The database is unavailable: response %s waits in the journal", job_id)
-        journaled = job
+        journaled = fields
     record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms, job=journaled)
-    if payload is None:
+    if result.status >= 400 or not isinstance(payload, dict):
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
-    return json_response(payload, result.status)
+    return json_response(response_object(record), result.status)
 
 
 UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
@@ -279,9 +285,12 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
         event = usage.data()
         return event.get("response") if isinstance(event, dict) else None
 
-    async def finish(end: StreamEnd) -> None:
+    async def finish(end: StreamEnd) -> HttpResponseBase | None:
         body = with_id(end.body, job_id) if end.status < 400 else end.body
         await in_thread(finish_job, job_id, status=end.status, body=body, tokens=end.tokens, error=end.error)
+        if end.status >= 400 or not isinstance(body, dict):
+            return None
+        return json_response(response_object(await in_thread(InferenceRequest.objects.get, pk=job_id)), end.status)
 
     return await stream(call, transform=transform, final=final, on_end=finish)
 

@@ -27,6 +27,7 @@ from billing.models import Balance, CreditTransaction
 from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
 from gateway.worker import Runner, run_flex_jobs
+from tests.conformance import conforming_client
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream, free_port
 
 PRICE_IN = Decimal("0.50")
@@ -172,7 +173,9 @@ class World:
 
     def client(self, secret: str, **kwargs) -> openai.OpenAI:  # type: ignore[no-untyped-def]
         # A short timeout: a test that waits on a bug fails in seconds, not after the SDK's 10 minutes.
-        return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **{"timeout": 20, **kwargs})
+        # Every body it receives is checked against OpenAI's OpenAPI description (tests/conformance.py).
+        options = {"timeout": 20, "http_client": conforming_client(), **kwargs}
+        return openai.OpenAI(base_url=f"{self.url}/ai/v1", api_key=secret, max_retries=0, **options)
 
 
 def settle() -> None:
@@ -304,4 +307,5 @@ def upstream_calls(world, model: str) -> int:  # type: ignore[no-untyped-def]
 
 
 def post(world, secret: str, path: str, body: dict) -> httpx.Response:  # type: ignore[no-untyped-def, type-arg]
-    return httpx.post(f"{world.url}/ai/v1/{path}", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    with conforming_client(timeout=30) as client:
+        return client.post(f"{world.url}/ai/v1/{path}", json=body, headers={"Authorization": f"Bearer {secret}"})

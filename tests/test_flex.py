@@ -110,9 +110,27 @@ def test_streamed_flex_chat_is_replayed_as_chunks(world, flex_worker, user_with_
 
     chunks = list(client.chat.completions.create(model="gpt-test", messages=HELLO, stream=True, service_tier="flex"))
 
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from upstream"
-    assert chunks[-1].usage.completion_tokens == COMPLETION_TOKENS
+    # The loop of OpenAI's docs: every chunk has a choice, as no usage chunk was asked for.
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "Hello from upstream"
+    assert {chunk.service_tier for chunk in chunks} == {"flex"}
     assert "stream" not in world.upstream.requests[-1]["body"]
+
+
+def test_a_streamed_flex_chat_that_asks_for_usage_gets_it_last(world, flex_worker, user_with_credits, make_key):
+    client = world.client(make_key(user_with_credits))
+
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-test",
+            messages=HELLO,
+            stream=True,
+            stream_options={"include_usage": True},
+            service_tier="flex",
+        )
+    )
+
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == COMPLETION_TOKENS
+    assert all(chunk.choices for chunk in chunks[:-1])
 
 
 def test_streamed_flex_response_is_replayed_as_events(world, flex_worker, user_with_credits, make_key):

@@ -43,12 +43,23 @@ def test_streamed_chat_is_relayed_and_charged_from_the_usage_chunk(world, user_w
 
     chunks = list(client.chat.completions.create(model="gpt-test", messages=HELLO, stream=True))
 
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "Hello from upstream"
-    assert chunks[-1].usage.completion_tokens == COMPLETION_TOKENS
+    # The loop of OpenAI's docs: the usage chunk (no choices) the gateway asked for is not relayed.
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "Hello from upstream"
     assert world.upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
     wait_for(lambda: balance_of(user_with_credits) != before)
     assert balance_of(user_with_credits) == before - EXPECTED_COST
+
+
+def test_a_streamed_chat_that_asks_for_usage_gets_the_usage_chunk_last(world, user_with_credits, make_key):
+    client = world.client(make_key(user_with_credits))
+
+    stream = client.chat.completions.create(
+        model="gpt-test", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == COMPLETION_TOKENS
+    assert all(chunk.choices for chunk in chunks[:-1])
 
 
 def test_embeddings_are_proxied_and_charged(world, user_with_credits, make_key):

@@ -17,7 +17,7 @@ from billing.services import remove_credits
 from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
 from routing_rules.services import add_traffic_rule
-from tests.conftest import wait_for
+from tests.conftest import upstream_calls, wait_for
 from tests.upstream import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -233,7 +233,8 @@ def test_model_capacity_is_429_while_full(world, user_with_credits, make_key):
     request = {"model": "held", "messages": HELLO}
     first = threading.Thread(target=lambda: post(world, "chat/completions", secret, json=request, timeout=30))
     first.start()
-    wait_for(lambda: world.upstream.in_flight == 1)  # the first call holds the only slot until released
+    # The first call holds the only slot until released (an earlier test's call may still be in flight).
+    wait_for(lambda: upstream_calls(world, "held") == 1)
 
     reply = post(world, "chat/completions", secret, json=request)
     world.upstream.release.set()

@@ -22,7 +22,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+HELLO_TEXT = "Hello from upstream"
 PROMPT_TOKENS = 12
+OVERLOADED = {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}
 COMPLETION_TOKENS = 30
 
 
@@ -100,7 +102,7 @@ class FakeUpstream:
             seen = self.calls_by_content.get(content, 0)
             self.calls_by_content[content] = seen + 1
             if seen < self.flaky_failures:
-                return body, web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+                return body, web.json_response(OVERLOADED, status=503)
         return body, None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -114,12 +116,12 @@ class FakeUpstream:
         }
         base = {"id": "chatcmpl-upstream", "created": 1700000000, "model": body["model"]}
         if not body.get("stream"):
-            message = {"role": "assistant", "content": "Hello from upstream"}
+            message = {"role": "assistant", "content": "Hello from upstream", "refusal": None}
             return web.json_response(
                 {
                     **base,
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
                     "usage": usage,
                 }
             )
@@ -172,7 +174,7 @@ class FakeUpstream:
                     "id": "msg_1",
                     "status": "completed",
                     "role": "assistant",
-                    "content": [{"type": "output_text", "text": "Hello from upstream", "annotations": []}],
+                    "content": [{"type": "output_text", "text": HELLO_TEXT, "annotations": [], "logprobs": []}],
                 }
             ],
             "usage": {
