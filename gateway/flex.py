@@ -16,20 +16,23 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
-from django.http import HttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from gateway.call import GatewayCall
 from gateway.db import in_thread
 from gateway.jobs import cancel_abandoned_job, expire_job, finished_job_ids
-from gateway.models import InferenceRequest
+from gateway.models import UNFINISHED_STATES, InferenceRequest
 from gateway.queue import submit_flex_job
-from gateway.render import job_reply, json_response, response_object
+from gateway.render import job_reply, json_response, response_events, response_object, sse
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+FOLLOW_WAIT_SECONDS = 15.0
 PUSHED_POLL_SECONDS = 1.0
 # Channel-layer calls in flight per event loop: a thousand clients arriving at once must not
 # ask the layer's connection pool for a thousand connections.
@@ -182,14 +185,50 @@ def waiters() -> _Waiters:
 _abandoned: set[asyncio.Task[bool]] = set()
 
 
-async def submit(call: GatewayCall) -> HttpResponse:
+async def submit(call: GatewayCall) -> HttpResponseBase:
     """Queue a validated flex request; answer 202 for a background one, else hold until it ends."""
     background = call.path == "responses" and call.body.get("background") is True
     # The model actually served (after a redirect) is the one the worker calls.
     job = await in_thread(submit_flex_job, **call.job_fields(call.served.alias), background=background)
     if background:
-        return json_response(response_object(job), 202)
+        return accepted(job, stream=call.stream)
     return await hold(call, job)
+
+
+def accepted(job: InferenceRequest, *, stream: bool) -> HttpResponseBase:
+    """The answer to a background response just started: a 202 with the response, or its events."""
+    if not stream:
+        return json_response(response_object(job), 202)
+    return follow(job)
+
+
+def follow(job: InferenceRequest, after: int = -1) -> StreamingHttpResponse:
+    """A response's events as a stream, those numbered above `after` (a client resuming with
+    `starting_after`): response.created and .in_progress (or .queued) at once, the rest once it ends."""
+
+    async def events() -> AsyncIterator[bytes]:
+        current = job
+        sent = 2
+        if current.state in UNFINISHED_STATES:
+            started = response_events(response_object(current))[:2]
+            if current.openai_status == "queued":
+                started[1] = {**started[1], "type": "response.queued"}
+            for event in started[after + 1 :]:
+                yield sse(event, event["type"])
+            while not await waiters().wait(current.id, FOLLOW_WAIT_SECONDS):
+                yield b": waiting\n\n"  # an SSE comment: keeps proxies from closing an idle stream
+            finished = await in_thread(InferenceRequest.objects.filter(pk=current.id).first)
+            if finished is None:  # deleted meanwhile
+                return
+            current = finished
+        else:
+            sent = 0
+        for event in response_events(response_object(current))[max(sent, after + 1) :]:
+            yield sse(event, event["type"])
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    return response
 
 
 async def hold(call: GatewayCall, job: InferenceRequest) -> HttpResponse:

@@ -149,12 +149,22 @@ def expire_job(job_id: uuid.UUID) -> InferenceRequest:
 
 
 def find_job(public_id: str, owner_id: int) -> InferenceRequest | None:
-    """The owner's job for a `resp_<hex>` id; None for a bad id or someone else's job."""
+    """The owner's job for a `resp_<hex>` id; None for a bad id, someone else's job, or a response
+    created with `store: false` (kept for its accounting, never shown again)."""
     try:
         job_id = uuid.UUID(public_id.removeprefix("resp_"))
     except ValueError:
         return None
-    return InferenceRequest.objects.filter(pk=job_id, owner_id=owner_id).first()
+    job = InferenceRequest.objects.filter(pk=job_id, owner_id=owner_id).first()
+    if job is None or job.request_body.get("store") is False:
+        return None
+    return job
+
+
+def delete_job(job: InferenceRequest) -> None:
+    """Delete a response: cancelled first if it has not finished, so no worker runs or charges it."""
+    InferenceRequest.objects.filter(pk=job.pk).finish(state=JobState.CANCELED)
+    InferenceRequest.objects.filter(pk=job.pk).delete()
 
 
 def finished_job_ids(job_ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:

@@ -39,9 +39,11 @@ def validate_body(body: Any) -> str:
         raise BadRequest("You must provide a model parameter.", "model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string.", "model")
-    for flag in ("stream", "background"):
+    for flag in ("stream", "background", "store"):
         if flag in body and body[flag] is not None and not isinstance(body[flag], bool):
             raise BadRequest(f"'{flag}' must be a boolean.", flag)
+    if body.get("background") is True and body.get("store") is False:
+        raise BadRequest("A background response is stored to be read later: 'store' must be true with it.", "store")
     tier = body.get("service_tier")
     if tier is not None and not isinstance(tier, str):
         raise BadRequest("'service_tier' must be a string.", "service_tier")

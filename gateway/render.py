@@ -94,6 +94,35 @@ def response_object(job: InferenceRequest) -> dict[str, Any]:
     return payload
 
 
+ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def input_items(job: InferenceRequest) -> list[dict[str, Any]]:
+    """A response's input as the items OpenAI lists for it, first to last, each with a stable id."""
+    given = job.request_body.get("input") if isinstance(job.request_body, dict) else None
+    raw = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    items = []
+    for index, item in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        listed = {**item, "type": kind, "status": item.get("status", "completed")}
+        listed.setdefault("id", f"{ITEM_PREFIXES.get(kind, 'item')}_{job.id.hex}{index:04d}")
+        if kind == "message":
+            listed["content"] = message_parts(item.get("role"), item.get("content"))
+        items.append(listed)
+    return items
+
+
+def message_parts(role: Any, content: Any) -> Any:
+    """A message's content as typed parts: input_text for what was said to the model, output_text for what it said."""
+    if not isinstance(content, str):
+        return content
+    if role == "assistant":
+        return [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}]
+    return [{"type": "input_text", "text": content}]
+
+
 def job_reply(job: InferenceRequest, *, stream: bool) -> HttpResponse:
     """Answer a held client with its finished job, as the upstream would have answered the call."""
     if job.state == JobState.COMPLETED and isinstance(job.response_body, dict):
@@ -168,10 +197,16 @@ def replay_chat(completion: dict[str, Any], status: int, *, include_usage: bool)
 
 def replay_response(response: dict[str, Any], status: int) -> HttpResponse:
     """A finished response object as the Responses API's events, from response.created to response.completed."""
-    events: list[bytes] = []
+    return event_stream(b"".join(sse(event, event["type"]) for event in response_events(response)), status)
+
+
+def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Responses API's events of a response, numbered from 0: response.created and
+    response.in_progress first, then its output item by item, and its end event last."""
+    events: list[dict[str, Any]] = []
 
     def emit(kind: str, **fields: Any) -> None:
-        events.append(sse({"type": kind, "sequence_number": len(events), **fields}, kind))
+        events.append({"type": kind, "sequence_number": len(events), **fields})
 
     started = {key: value for key, value in response.items() if key != "usage"}
     started.update(status="in_progress", output=[], error=None, incomplete_details=None, completed_at=None)
@@ -197,5 +232,6 @@ def replay_response(response: dict[str, Any], status: int) -> HttpResponse:
                 emit("response.content_part.added", **place, part=part)
             emit("response.content_part.done", **place, part=part)
         emit("response.output_item.done", output_index=output_index, item=item)
-    emit("response.completed", response=response)
-    return event_stream(b"".join(events), status)
+    ending = {"completed": "completed", "incomplete": "incomplete"}.get(response.get("status", ""), "failed")
+    emit(f"response.{ending}", response=response)
+    return events

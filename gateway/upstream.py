@@ -17,6 +17,11 @@ from gateway.snapshot import ModelEntry
 GATEWAY_FIELDS = ("service_tier", "background")
 
 
+def unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    """A request body for a call made without its client (background, queued): not streamed."""
+    return {name: value for name, value in body.items() if name not in ("stream", "stream_options")}
+
+
 def upstream_request(model: ModelEntry, path: str, body: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     """Return url, body and headers for the upstream: its model name, its credential, usage on streams."""
     forwarded = {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}

@@ -1,12 +1,14 @@
 from django.urls import path
 
-from gateway import views
+from gateway import stored, views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="chat-completions"),
     path("embeddings", views.embeddings, name="embeddings"),
     path("responses", views.responses, name="responses"),
-    path("responses/<str:response_id>", views.response_detail, name="response-detail"),
-    path("responses/<str:response_id>/cancel", views.response_cancel, name="response-cancel"),
-    path("models", views.models, name="models"),
+    path("responses/<str:response_id>", stored.response_detail, name="response-detail"),
+    path("responses/<str:response_id>/cancel", stored.response_cancel, name="response-cancel"),
+    path("responses/<str:response_id>/input_items", stored.response_input_items, name="response-input-items"),
+    path("models", stored.models, name="models"),
+    path("models/<path:alias>", stored.model_detail, name="model-detail"),
 ]

@@ -21,14 +21,13 @@ from typing import Any
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import budget, clients, errors, limits
+from gateway import budget, clients, errors, flex, limits
 from gateway.accounting import CallRecord, accountant
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
-from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, finished_response
+from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
 from gateway.models import InferenceRequest, JobState
 from gateway.render import include_usage, json_response, response_object
-from gateway.snapshot import aget_snapshot
 from gateway.upstream import (
     SSEUsage,
     UpstreamResult,
@@ -39,6 +38,7 @@ from gateway.upstream import (
     open_upstream,
     parse_json,
     relay_stream,
+    unstreamed,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def calls_model(
 
     @wraps(view)
     async def serve(request: GatewayRequest) -> HttpResponseBase:
+        if request.method != "POST":
+            return errors.method_not_allowed(request.method or "")
         call = request.gateway
         try:
             return await view(call)
@@ -302,7 +304,7 @@ async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse
     _background[job_id] = task
     task.add_done_callback(lambda _: _background.pop(job_id, None))
     # Shielded: a client that goes away must not cancel the future the call reports to.
-    return json_response(response_object(await asyncio.shield(accepted)), 202)
+    return flex.accepted(await asyncio.shield(accepted), stream=call.stream)
 
 
 async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio.Future[InferenceRequest]) -> None:
@@ -319,7 +321,7 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio
                 )
             )
             try:
-                result = await call_upstream(call.served, call.path, call.body)
+                result = await call_upstream(call.served, call.path, unstreamed(call.body))
                 error = error_message(result) if result.status >= 400 else ""
             except clients.UpstreamError as exc:
                 failure = failure_of(exc)
@@ -342,57 +344,8 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio
             accepted.set_exception(exc)
 
 
-# --- reading, cancelling, listing ----------------------------------------------------------------
-
-
-def reads_records(
-    view: Callable[[GatewayRequest, str], Awaitable[HttpResponseBase]],
-) -> Callable[[GatewayRequest, str], Coroutine[Any, Any, HttpResponseBase]]:
-    """A view over the stored records: a database that cannot be reached is answered 503."""
-
-    @wraps(view)
-    async def serve(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-        try:
-            return await view(request, response_id)
-        except DATABASE_ERRORS:
-            logger.warning("The database is unavailable: answered 503", exc_info=True)
-            return errors.database_unavailable()
-
-    return serve
-
-
-@reads_records
-async def response_detail(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-    if request.method != "GET":
-        return errors.method_not_allowed(request.method or "")
-    job = await in_thread(find_job, response_id, request.gateway.key.user_id)
-    if job is None:
-        return errors.response_not_found(response_id)
-    return json_response(response_object(job))
-
-
-@reads_records
-async def response_cancel(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-    if request.method != "POST":
-        return errors.method_not_allowed(request.method or "")
-    job = await in_thread(find_job, response_id, request.gateway.key.user_id)
-    if job is None:
-        return errors.response_not_found(response_id)
-    job = await in_thread(cancel_job, job)
-    running = _background.get(job.id)
-    if running is not None and job.state == JobState.CANCELED:
+def stop_background(job_id: uuid.UUID) -> None:
+    """Stop a background call this process runs (its job was cancelled or deleted)."""
+    running = _background.get(job_id)
+    if running is not None:
         running.cancel()
-    return json_response(response_object(job))
-
-
-async def models(request: GatewayRequest) -> HttpResponseBase:
-    if request.method != "GET":
-        return errors.method_not_allowed(request.method or "")
-    snapshot = await aget_snapshot()
-    user_id = request.gateway.key.user_id
-    data = [
-        {"id": model.alias, "object": "model", "created": model.created, "owned_by": "dwctl"}
-        for model in sorted(snapshot.models.values(), key=lambda m: m.alias)
-        if snapshot.can_access(user_id, model)
-    ]
-    return json_response({"object": "list", "data": data})
