@@ -9,6 +9,9 @@ while the job's endpoint timeout still fits before django-q2's ``timeout``, and 
 queue whatever it could not finish, so it always returns in time; the atomic claim makes a second
 delivery of the same task harmless. Outcomes are written in small batches, one transaction each.
 
+Each claim is a lease the runner renews while the job is in flight; when a worker dies its leases
+lapse and the next claim, by any runner, takes those jobs back.
+
 Run it with ``manage.py qcluster``; tests call :func:`run_flex_jobs` directly.
 """
 
@@ -32,7 +35,15 @@ from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
 from gateway.models import InferenceRequest
-from gateway.queue import Outcome, claim_jobs, release_jobs, settle_jobs, start_jobs, sweep_jobs
+from gateway.queue import (
+    Outcome,
+    claim_jobs,
+    release_jobs,
+    renew_leases,
+    settle_jobs,
+    start_jobs,
+    sweep_jobs,
+)
 from gateway.snapshot import ModelEntry, Snapshot, get_snapshot
 from gateway.upstream import call_upstream, error_message, failure_of, parse_json
 
@@ -87,6 +98,7 @@ class Runner:
         if self.lifetime is None:
             self.lifetime = self.hard_stop
         last_sweep = last_claim = -float("inf")
+        heartbeat = asyncio.get_running_loop().create_task(self.keep_leases())
         try:
             while True:
                 now = time.monotonic() - started
@@ -118,10 +130,21 @@ class Runner:
         finally:
             if self.in_flight:
                 await self.give_back()
+            heartbeat.cancel()
             if self.writer is not None:
                 await asyncio.gather(self.writer, return_exceptions=True)
             await clients.aclose()
         return self.finished
+
+    async def keep_leases(self) -> None:
+        """Renew the leases of the jobs in flight, every third of a lease: a missed renewal or two is harmless."""
+        while True:
+            await asyncio.sleep(settings.GATEWAY_FLEX_LEASE_SECONDS / 3)
+            if self.in_flight:
+                try:
+                    await in_thread(renew_leases, self.name, list(self.in_flight.values()))
+                except Exception:
+                    logger.exception("Could not renew flex leases; trying again")
 
     async def sweep(self) -> None:
         try:
