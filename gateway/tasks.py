@@ -7,7 +7,6 @@ from gateway.worker import run_flex_jobs as _run
 # How long the scheduled drain stays: the schedule starts one a minute (django-q2's scheduler looks
 # every ~30 s and a schedule's finest step is a minute), so one runner is always polling.
 DRAIN_SECONDS = 55
-SWEEP_SECONDS = 30
 
 
 def run_flex_jobs() -> int:
@@ -16,5 +15,5 @@ def run_flex_jobs() -> int:
 
 
 def drain_flex_queue() -> int:
-    """Scheduled: sweep every 30 s and claim due jobs twice a second, for about a minute."""
-    return _run(lifetime=DRAIN_SECONDS, linger=True, sweep_every=SWEEP_SECONDS)
+    """Scheduled: sweep, then claim due jobs twice a second (sweeping every 30 s), for about a minute."""
+    return _run(lifetime=DRAIN_SECONDS, linger=True)
