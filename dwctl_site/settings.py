@@ -187,6 +187,9 @@ else:
 # --- gateway --------------------------------------------------------------------------------
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
 GATEWAY_FLEX_WINDOW = env_int("GATEWAY_FLEX_WINDOW", 3600)
+# A flex worker holds each job it runs on a lease it renews every third of this; a job whose lease
+# lapses (its worker died) is taken by the next worker that claims jobs.
+GATEWAY_FLEX_LEASE_SECONDS = float(env_int("GATEWAY_FLEX_LEASE_MS", 30_000, minimum=300)) / 1000
 # How often each gateway process checks whether the auth snapshot must be rebuilt.
 GATEWAY_SNAPSHOT_POLL_SECONDS = float(env_int("GATEWAY_SNAPSHOT_POLL_MS", 250)) / 1000
 # Usage rows are written in batches off the request path. Every flush is a transaction whose

@@ -161,6 +161,7 @@ class JobState(models.TextChoices):
 
 
 UNFINISHED_STATES = (JobState.PENDING, JobState.CLAIMED, JobState.PROCESSING)
+HELD_STATES = (JobState.CLAIMED, JobState.PROCESSING)
 # What `GET /v1/responses/{id}` reports for each state.
 OPENAI_STATUS = {
     JobState.PENDING: "queued",
@@ -177,8 +178,14 @@ class InferenceRequestQuerySet(models.QuerySet["InferenceRequest"]):
         return self.filter(state__in=UNFINISHED_STATES)
 
     def claimable(self, now=None) -> InferenceRequestQuerySet:  # type: ignore[no-untyped-def]
+        """Jobs a worker may take now: pending and due, or held on a lease that has lapsed (its worker died)."""
         now = now or timezone.now()
-        return self.filter(state=JobState.PENDING, not_before__lte=now).order_by("not_before")
+        due = Q(state=JobState.PENDING, not_before__lte=now)
+        return self.filter(due | Q(state__in=HELD_STATES, lease_expires_at__lte=now)).order_by("not_before")
+
+    def leased(self, now=None) -> InferenceRequestQuerySet:  # type: ignore[no-untyped-def]
+        """Jobs a live worker holds: what counts against a model's flex concurrency."""
+        return self.filter(state__in=HELD_STATES, lease_expires_at__gt=now or timezone.now())
 
     def finish(self, *, state: str, **outcome: Any) -> int:
         """Move the jobs that have not finished yet to an end state; returns how many moved.
@@ -213,6 +220,9 @@ class InferenceRequest(models.Model):
     cost = models.DecimalField(**AMOUNT, null=True, blank=True)
     claimed_by = models.CharField(max_length=200, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
+    # A flex worker holds its claim only while it renews this lease; once it lapses any worker may take
+    # the job. None for a call a gateway process holds itself (the sweep watches that process).
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -1,9 +1,12 @@
-"""The flex queue: submit, claim, start, settle, release, sweep.
+"""The flex queue: submit, claim, start, renew, settle, release, sweep.
 
 A job moves pending → claimed (by one worker, atomically) → processing (balance re-checked, one
-upstream attempt) → completed | failed | back to pending for a retry. Every write after the claim
-is conditional on the job still being held by the same worker and unfinished, so a job that was
-cancelled, expired or handed to another worker is never overwritten and never charged.
+upstream attempt) → completed | failed | back to pending for a retry. A claim is a lease the
+worker renews while it runs the job; once a lease lapses (the worker died) the job is claimable
+again, by whichever worker claims next. Every write after the claim is conditional on the job
+still being held by the same worker and unfinished, so a job that was cancelled, expired or
+handed to another worker is never overwritten and never charged. A job is therefore run upstream
+at least once, and charged at most once: its charge commits with its end state.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from gateway.errors import (
 )
 from gateway.jobs import GATEWAY_CLAIM_PREFIX, create_job, fail_jobs, failure_fields, outcome_fields
 from gateway.limits import count_key_tokens
-from gateway.models import DeployedModel, InferenceRequest, JobState
+from gateway.models import HELD_STATES, DeployedModel, InferenceRequest, JobState
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUSES = frozenset({408, 429})
 RETRY_FIRST_SECONDS = 1
 RETRY_MAX_SECONDS = 10
-# How long past its endpoint's timeout a claimed job may stay unfinished before the sweep takes it back.
+# How long past its endpoint's timeout a gateway's call may stay unfinished before the sweep fails it.
 STUCK_MARGIN_SECONDS = 60
 
 
@@ -68,11 +71,14 @@ def claim_jobs(
 ) -> list[InferenceRequest]:
     """Claim up to `limit` due flex jobs for `worker`, keeping each model within its flex_concurrency.
 
-    With `max_call_seconds`, only jobs whose endpoint timeout fits in that time are claimed.
+    Each claim is a lease the worker must renew (renew_leases); a job whose lease lapsed is claimed
+    like a pending one. With `max_call_seconds`, only jobs whose endpoint timeout fits in that time
+    are claimed.
     """
     now = now or timezone.now()
     if limit <= 0:
         return []
+    lease = now + timedelta(seconds=settings.GATEWAY_FLEX_LEASE_SECONDS)
     due = (
         InferenceRequest.objects.claimable(now)
         .filter(service_tier=Tier.FLEX)
@@ -91,10 +97,10 @@ def claim_jobs(
         if max_call_seconds is not None:
             models = models.filter(endpoint__timeout_seconds__lte=max_call_seconds)
         caps = dict(models.order_by("pk").values_list("alias", "flex_concurrency"))
+        # Only live leases count: the claims of a worker that died stop holding the cap as their leases lapse.
         busy = dict(
-            InferenceRequest.objects.filter(
-                service_tier=Tier.FLEX, state__in=(JobState.CLAIMED, JobState.PROCESSING), model_alias__in=aliases
-            )
+            InferenceRequest.objects.leased(now)
+            .filter(service_tier=Tier.FLEX, model_alias__in=aliases)
             .values_list("model_alias")
             .annotate(n=Count("id"))
             .values_list("model_alias", "n")
@@ -109,8 +115,9 @@ def claim_jobs(
             if skip_locked:
                 candidates = candidates.select_for_update(skip_locked=True)
             ids = list(candidates.values_list("id", flat=True)[:room])
-            if ids and InferenceRequest.objects.filter(pk__in=ids, state=JobState.PENDING).update(
-                state=JobState.CLAIMED, claimed_by=worker, claimed_at=now, updated_at=now
+            # Conditional on the job being claimable still: a pending job, or one whose lease lapsed.
+            if ids and InferenceRequest.objects.filter(pk__in=ids).claimable(now).update(
+                state=JobState.CLAIMED, claimed_by=worker, claimed_at=now, lease_expires_at=lease, updated_at=now
             ):
                 claimed.extend(ids)
     if not claimed:
@@ -138,6 +145,13 @@ def start_jobs(worker: str, holds: Callable[[dict[int, tuple[int, int]]], list[u
         now = timezone.now()
         claimed.filter(pk__in=runnable).update(state=JobState.PROCESSING, attempts=F("attempts") + 1, updated_at=now)
     return runnable
+
+
+def renew_leases(worker: str, job_ids: list[uuid.UUID]) -> int:
+    """Extend this worker's leases on the jobs it still holds; returns how many it still holds."""
+    until = timezone.now() + timedelta(seconds=settings.GATEWAY_FLEX_LEASE_SECONDS)
+    held = InferenceRequest.objects.filter(pk__in=job_ids, claimed_by=worker, state__in=HELD_STATES)
+    return held.update(lease_expires_at=until)
 
 
 def is_retryable(status: int) -> bool:
@@ -223,6 +237,7 @@ def _retry(job: InferenceRequest, outcome: Outcome, now: datetime) -> str | None
         not_before=not_before,
         claimed_by="",
         claimed_at=None,
+        lease_expires_at=None,
         error=error[:2000],
         updated_at=now,
     )
@@ -242,7 +257,14 @@ def release_jobs(worker: str, job_ids: list[uuid.UUID]) -> int:
     """Give jobs this worker can no longer finish back to the queue, not counting the interrupted attempt."""
     now = timezone.now()
     held = InferenceRequest.objects.filter(pk__in=job_ids, claimed_by=worker)
-    back = {"state": JobState.PENDING, "claimed_by": "", "claimed_at": None, "not_before": now, "updated_at": now}
+    back = {
+        "state": JobState.PENDING,
+        "claimed_by": "",
+        "claimed_at": None,
+        "lease_expires_at": None,
+        "not_before": now,
+        "updated_at": now,
+    }
     with transaction.atomic():
         released = held.filter(state=JobState.CLAIMED).update(**back)
         released += held.filter(state=JobState.PROCESSING, attempts__gt=0).update(**back, attempts=F("attempts") - 1)
@@ -269,8 +291,9 @@ def process_is_gone(claimed_by: str) -> bool:
 
 
 def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
-    """Fail expired flex jobs and orphaned gateway calls; re-queue jobs of dead or stuck workers.
+    """Fail expired flex jobs, orphaned gateway calls and jobs of retired models.
 
+    (A flex job whose worker died needs no sweep: its lease lapses and the next claim takes it.)
     Returns the ids of the jobs it finished, so their waiters can be woken.
     """
     now = now or timezone.now()
@@ -285,7 +308,7 @@ def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
         code="deadline_exceeded",
     )
     held = list(
-        InferenceRequest.objects.filter(state__in=(JobState.CLAIMED, JobState.PROCESSING)).values_list(
+        InferenceRequest.objects.filter(state__in=HELD_STATES, claimed_by__startswith=GATEWAY_CLAIM_PREFIX).values_list(
             "id", "claimed_by", "claimed_at", "model_alias"
         )
     )
@@ -294,23 +317,16 @@ def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
             "alias", "endpoint__timeout_seconds"
         )
     )
-    orphans: list[uuid.UUID] = []
-    requeue: dict[str, list[uuid.UUID]] = {}
-    for job_id, claimed_by, claimed_at, alias in held:
-        limit = timedelta(seconds=timeouts.get(alias, 600) + STUCK_MARGIN_SECONDS)
-        if not (claimed_at is None or claimed_at < now - limit or process_is_gone(claimed_by)):
-            continue
-        if claimed_by.startswith(GATEWAY_CLAIM_PREFIX):
-            orphans.append(job_id)
-        else:
-            requeue.setdefault(claimed_by, []).append(job_id)
     # A real-time call runs inside the gateway process that accepted it; nobody else can finish it
     # (or know whether the upstream already did the work), so it fails rather than running twice.
+    orphans = [
+        job_id
+        for job_id, claimed_by, claimed_at, alias in held
+        if claimed_at is None
+        or claimed_at < now - timedelta(seconds=timeouts.get(alias, 600) + STUCK_MARGIN_SECONDS)
+        or process_is_gone(claimed_by)
+    ]
     finished += fail_jobs(orphans, status=502, message=GATEWAY_STOPPED_MESSAGE, code="gateway_interrupted")
-    for claimed_by, ids in requeue.items():
-        InferenceRequest.objects.filter(
-            pk__in=ids, claimed_by=claimed_by, state__in=(JobState.CLAIMED, JobState.PROCESSING)
-        ).update(state=JobState.PENDING, claimed_by="", claimed_at=None, not_before=now, updated_at=now)
     retired = list(
         InferenceRequest.objects.filter(state=JobState.PENDING, service_tier=Tier.FLEX)
         .exclude(model_alias__in=DeployedModel.objects.live().values("alias"))

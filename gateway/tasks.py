@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from django_q.tasks import async_task
+
 from gateway.worker import run_flex_jobs as _run
 
+logger = logging.getLogger(__name__)
 # How long the scheduled drain stays: the schedule starts one a minute (django-q2's scheduler looks
 # every ~30 s and a schedule's finest step is a minute), so one runner is always polling.
 DRAIN_SECONDS = 55
-SWEEP_SECONDS = 30
 
 
 def run_flex_jobs() -> int:
@@ -16,5 +21,15 @@ def run_flex_jobs() -> int:
 
 
 def drain_flex_queue() -> int:
-    """Scheduled: sweep every 30 s and claim due jobs twice a second, for about a minute."""
-    return _run(lifetime=DRAIN_SECONDS, linger=True, sweep_every=SWEEP_SECONDS)
+    """Scheduled: sweep, then claim due jobs twice a second (sweeping every 30 s), for about a minute."""
+    return _run(lifetime=DRAIN_SECONDS, linger=True)
+
+
+def drain_on_spawn(**kwargs: Any) -> None:
+    """A qcluster worker that starts (with its cluster, or again after a crash) drains the queue at
+    once, taking over the leases a dead cluster left as they lapse, instead of from the scheduler's
+    first tick half a minute later (django-q2's post_spawn)."""
+    try:
+        async_task("gateway.tasks.drain_flex_queue", q_options={"task_name": "flex drain"})
+    except Exception:  # the worker must start regardless: the scheduled drain comes within a minute
+        logger.exception("Could not enqueue a flex drain as the worker started")

@@ -9,6 +9,11 @@ while the job's endpoint timeout still fits before django-q2's ``timeout``, and 
 queue whatever it could not finish, so it always returns in time; the atomic claim makes a second
 delivery of the same task harmless. Outcomes are written in small batches, one transaction each.
 
+Each claim is a lease the runner renews while the job is in flight; when a worker dies its leases
+lapse and the next claim, by any runner, takes those jobs back. A runner that can claim nothing
+ends at once, and every runner sweeps (gateway.queue.sweep_jobs) as it goes, so neither a full cap
+nor a backlog of tasks keeps the queue from moving.
+
 Run it with ``manage.py qcluster``; tests call :func:`run_flex_jobs` directly.
 """
 
@@ -32,7 +37,16 @@ from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
 from gateway.models import InferenceRequest
-from gateway.queue import Outcome, claim_jobs, release_jobs, settle_jobs, start_jobs, sweep_jobs
+from gateway.queue import (
+    RETRY_MAX_SECONDS,
+    Outcome,
+    claim_jobs,
+    release_jobs,
+    renew_leases,
+    settle_jobs,
+    start_jobs,
+    sweep_jobs,
+)
 from gateway.snapshot import ModelEntry, Snapshot, get_snapshot
 from gateway.upstream import call_upstream, error_message, failure_of, parse_json
 
@@ -44,8 +58,10 @@ POLL_SECONDS = 0.5
 CLAIM_INTERVAL = 0.1
 # Outcomes wait this long for company before they are written in one transaction.
 SETTLE_BATCH_SECONDS = 0.05
-# A runner with nothing in flight stays while a retry is due this soon.
-RETRY_HORIZON_SECONDS = 10
+# A runner stays this long after it scheduled a retry (RETRY_MAX_SECONDS at most), to run it.
+RETRY_HORIZON_SECONDS = RETRY_MAX_SECONDS + 1
+# Every runner sweeps this often (gateway.queue.sweep_jobs), so no queue of tasks can starve the sweep.
+SWEEP_SECONDS = 30
 
 
 def worker_name() -> str:
@@ -70,7 +86,7 @@ class Runner:
     # even when the queue is empty.
     lifetime: float | None = None
     linger: bool = False
-    sweep_every: float | None = None
+    sweep_every: float | None = SWEEP_SECONDS
     name: str = field(default_factory=worker_name)
     # Set from another thread to make the runner give its jobs back and return (tests, shutdown).
     stop: threading.Event | None = None
@@ -80,13 +96,18 @@ class Runner:
     writer: asyncio.Task[None] | None = None
     snapshot: Snapshot | None = None
     started: float = 0.0
+    retries_until: float = 0.0  # seconds into the run until which a retry this runner scheduled may come due
     holds: dict[uuid.UUID, budget.Hold] = field(default_factory=dict)  # credits reserved per job in flight
 
     async def run(self) -> int:
         started = self.started = time.monotonic()
         if self.lifetime is None:
             self.lifetime = self.hard_stop
-        last_sweep = last_claim = -float("inf")
+        # A drain sweeps as it starts; any other runner once it has run for a sweep interval, so a
+        # burst of dispatches is not a burst of sweeps, and busy workers still sweep.
+        last_sweep = -float("inf") if self.linger else 0.0
+        last_claim = -float("inf")
+        heartbeat = asyncio.get_running_loop().create_task(self.keep_leases())
         try:
             while True:
                 now = time.monotonic() - started
@@ -97,11 +118,11 @@ class Runner:
                 if now < self.lifetime and (not self.in_flight or now - last_claim >= CLAIM_INTERVAL):
                     last_claim = now
                     claimed = await self.top_up()
-                if not self.in_flight and not claimed:
-                    if now >= self.lifetime:
-                        break
-                    if not self.linger and not await in_thread(retry_due_soon):
-                        break
+                # Nothing to run and nothing claimable: end (a dispatch never waits on a full cap),
+                # unless a retry this runner scheduled is about to come due.
+                idle = not self.in_flight and not claimed
+                if idle and (now >= self.lifetime or (not self.linger and now >= self.retries_until)):
+                    break
                 if now >= self.hard_stop or (self.stop is not None and self.stop.is_set()):
                     await self.give_back()
                     break
@@ -118,10 +139,21 @@ class Runner:
         finally:
             if self.in_flight:
                 await self.give_back()
+            heartbeat.cancel()
             if self.writer is not None:
                 await asyncio.gather(self.writer, return_exceptions=True)
             await clients.aclose()
         return self.finished
+
+    async def keep_leases(self) -> None:
+        """Renew the leases of the jobs in flight, every third of a lease: a missed renewal or two is harmless."""
+        while True:
+            await asyncio.sleep(settings.GATEWAY_FLEX_LEASE_SECONDS / 3)
+            if self.in_flight:
+                try:
+                    await in_thread(renew_leases, self.name, list(self.in_flight.values()))
+                except Exception:
+                    logger.exception("Could not renew flex leases; trying again")
 
     async def sweep(self) -> None:
         try:
@@ -228,6 +260,8 @@ class Runner:
         state = await settled
         if state in ("completed", "failed"):
             self.finished += 1
+        elif state == "pending":  # a retry (due within RETRY_MAX_SECONDS): stay to run it
+            self.retries_until = time.monotonic() - self.started + RETRY_HORIZON_SECONDS
         hold = self.holds.pop(job.id, None)
         if hold is not None:
             charged = budget.cost_nanos(model, job.service_tier, tokens) if model and state == "completed" else 0
@@ -288,18 +322,6 @@ def claim_and_start(
         budget.release_job_now(holds.pop(job_id), 0)
     refused = [job.id for job in jobs if job.id not in runnable]
     return [job for job in jobs if job.id in runnable], refused, snapshot, holds
-
-
-def retry_due_soon() -> bool:
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    return (
-        InferenceRequest.objects.claimable(timezone.now() + timedelta(seconds=RETRY_HORIZON_SECONDS))
-        .filter(service_tier="flex")
-        .exists()
-    )
 
 
 def run_flex_jobs(**options: object) -> int:
