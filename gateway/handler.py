@@ -29,6 +29,7 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
+from gateway.call import new_request_id
 from gateway.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", f"req_{new_request_id()}".encode()),  # as on every answer (TierRoutingMiddleware)
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

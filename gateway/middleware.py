@@ -67,19 +67,20 @@ class TierRoutingMiddleware(AsyncMiddleware):
     """Parse, authenticate, authorize, rate-limit and route each API request from the auth snapshot."""
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        request_id = new_request_id()
         try:
-            response = await self.route(request)
+            response = await self.route(request, request_id)
         except DATABASE_ERRORS:  # the first snapshot, a flex submission: they need the database
             logger.warning("The database is unavailable: answered 503", exc_info=True)
             response = errors.database_unavailable()
+        # Every answer's id, refusals included; a /responses call's id is resp_<the same hex>.
+        response[REQUEST_ID_HEADER] = f"req_{request_id}"
         call = getattr(request, "gateway", None)
         if call is not None:
-            # The id of every call past authentication; a /responses call's id is resp_<the same hex>.
-            response[REQUEST_ID_HEADER] = f"req_{call.request_id}"
             limits.add_headers(response, call)
         return response
 
-    async def route(self, request: HttpRequest) -> HttpResponseBase:
+    async def route(self, request: HttpRequest, request_id: str) -> HttpResponseBase:
         path = request.path.removeprefix(API_PREFIX)
         snapshot = await aget_snapshot()
         authorization = request.headers.get("Authorization")
@@ -88,7 +89,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
             return errors.invalid_api_key() if authorization else errors.missing_api_key()
         if refuses_inference(key):
             return errors.platform_key_refused()
-        call = GatewayCall(key=key, path=path, request_id=new_request_id(), started_at=time.time())
+        call = GatewayCall(key=key, path=path, request_id=request_id, started_at=time.time())
         gateway_request = cast(GatewayRequest, request)
         gateway_request.gateway = call
         if request.method != "POST" or path not in INFERENCE_PATHS:

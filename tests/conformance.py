@@ -44,7 +44,19 @@ def _spec() -> dict[str, Any]:
     if not SPEC.is_file():
         raise AssertionError(f"OpenAI's OpenAPI description is not at {SPEC}")
     with SPEC.open() as handle:
-        return yaml.load(handle, Loader=yaml.CSafeLoader)  # the C loader: the file is 3 MB
+        return _nullable(yaml.load(handle, Loader=yaml.CSafeLoader))  # the C loader: the file is 3 MB
+
+
+def _nullable(node: Any) -> Any:
+    """OpenAPI 3.0's `nullable: true`, which the description still uses in places, as JSON Schema's null."""
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 @cache

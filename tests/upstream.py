@@ -28,6 +28,40 @@ OVERLOADED = {"error": {"message": "overloaded", "type": "server_error", "param"
 COMPLETION_TOKENS = 30
 
 
+def example_of(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+    """A value of a JSON schema (as clients send for tools and structured output): the model's answer."""
+    root = root or schema
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return example_of(target, root)
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "anyOf" in schema:
+        return example_of(next(s for s in schema["anyOf"] if s.get("type") != "null"), root)
+    kind = schema.get("type", "object")
+    if kind == "object":
+        return {name: example_of(sub, root) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [example_of(schema.get("items") or {"type": "string"}, root)]
+    return {"string": "hello", "integer": 1, "number": 1.5, "boolean": True}.get(kind)
+
+
+def answer_of(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """What the fake model answers: a text, or a call of the first tool it was given."""
+    tools = [tool for tool in body.get("tools") or [] if tool.get("type") == "function"]
+    if tools and body.get("tool_choice") != "none":
+        function = tools[0].get("function", tools[0])  # chat nests it; the Responses API does not
+        arguments = orjson.dumps(example_of(function.get("parameters") or {})).decode()
+        return None, {"name": function["name"], "arguments": arguments}
+    response_format = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if response_format.get("type") == "json_schema":
+        schema = response_format.get("json_schema", response_format).get("schema") or {}
+        return orjson.dumps(example_of(schema)).decode(), None
+    return HELLO_TEXT, None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,27 +149,38 @@ class FakeUpstream:
             "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
         }
         base = {"id": "chatcmpl-upstream", "created": 1700000000, "model": body["model"]}
+        text, tool_call = answer_of(body)
+        tool_calls = [{"id": "call_1", "type": "function", "function": tool_call}] if tool_call else None
+        finish_reason = "tool_calls" if tool_call else "stop"
         if not body.get("stream"):
-            message = {"role": "assistant", "content": "Hello from upstream", "refusal": None}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             return web.json_response(
                 {
                     **base,
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
                     "usage": usage,
                 }
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         chunk = {**base, "object": "chat.completion.chunk"}
-        words = ["Hello", " from", " upstream"] * (20 if body["model"] == "long-stream" else 1)
+        if tool_calls:
+            deltas = [{"role": "assistant", "tool_calls": [{"index": 0, **tool_calls[0]}]}]
+        elif text == HELLO_TEXT:
+            deltas = [{"content": word} for word in ["Hello", " from", " upstream"]]
+            deltas *= 20 if body["model"] == "long-stream" else 1
+        else:
+            deltas = [{"content": text}]
         try:
-            for word in words:
-                delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
-                await response.write(b"data: " + orjson.dumps({**chunk, "choices": [delta]}) + b"\n\n")
+            for delta in deltas:
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+                await response.write(b"data: " + orjson.dumps({**chunk, "choices": [choice]}) + b"\n\n")
                 if body["model"] == "long-stream":
                     await asyncio.sleep(0.1)
-            final = {"index": 0, "delta": {}, "finish_reason": "stop"}
+            final = {"index": 0, "delta": {}, "finish_reason": finish_reason}
             await response.write(b"data: " + orjson.dumps({**chunk, "choices": [final]}) + b"\n\n")
             if (body.get("stream_options") or {}).get("include_usage"):
                 await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
@@ -162,21 +207,23 @@ class FakeUpstream:
         body, early = await self._common(request)
         if early is not None:
             return early
+        text, tool_call = answer_of(body)
+        output: dict[str, Any] = {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        }
+        if tool_call:
+            output = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "status": "completed", **tool_call}
         completed = {
             "id": "resp_upstream123",
             "object": "response",
             "created_at": 1700000000,
             "status": "completed",
             "model": body["model"],
-            "output": [
-                {
-                    "type": "message",
-                    "id": "msg_1",
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": HELLO_TEXT, "annotations": [], "logprobs": []}],
-                }
-            ],
+            "output": [output],
             "usage": {
                 "input_tokens": PROMPT_TOKENS,
                 "output_tokens": COMPLETION_TOKENS,
