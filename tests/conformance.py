@@ -124,3 +124,13 @@ def check_response(response: httpx.Response) -> None:
 
 def conforming_client(**kwargs: Any) -> httpx.Client:
     return httpx.Client(event_hooks={"response": [check_response]}, **kwargs)
+
+
+async def acheck_response(response: httpx.Response) -> None:
+    if "application/json" in response.headers.get("content-type", ""):
+        await response.aread()
+    check_response(response)
+
+
+def conforming_async_client(**kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(event_hooks={"response": [acheck_response]}, **kwargs)

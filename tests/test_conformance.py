@@ -296,7 +296,9 @@ def test_every_answer_carries_an_x_request_id_refusals_included(world, user_with
         raw(world, secret, "POST", "chat/completions", content=b"{not json"),  # 400
         raw(world, secret, "POST", "chat/completions", json={"model": "nope", "messages": HELLO}),  # 404
         raw(world, secret, "GET", "no/such/path"),  # 404
-        raw(world, secret, "POST", "chat/completions", json={"model": "gpt-test", "messages": HELLO, "pad": "x" * 2000}),
+        raw(
+            world, secret, "POST", "chat/completions", json={"model": "gpt-test", "messages": HELLO, "pad": "x" * 2000}
+        ),
         raw(world, secret, "POST", "chat/completions", json={"model": "gpt-test", "messages": HELLO}),  # 200
     ]
 
