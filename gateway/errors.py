@@ -145,6 +145,11 @@ def response_not_found(response_id: str) -> HttpResponse:
     return openai_error(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
 
 
+def previous_response_not_found(response_id: str) -> HttpResponse:
+    message = f"Previous response with id '{response_id}' not found."
+    return openai_error(404, message, param="previous_response_id", code="previous_response_not_found")
+
+
 def method_not_allowed(method: str) -> HttpResponse:
     return openai_error(405, f"Method {method} is not allowed here.")
 

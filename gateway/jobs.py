@@ -161,6 +161,24 @@ def find_job(public_id: str, owner_id: int) -> InferenceRequest | None:
     return job
 
 
+def conversation(body: dict[str, Any], owner_id: int) -> dict[str, Any] | None:
+    """A follow-up's body with the conversation it continues: the earlier response's input and
+    output, then its own input (an upstream never knows the gateway's ids). None when the earlier
+    response is not the owner's, or has not completed."""
+    previous = find_job(str(body["previous_response_id"]), owner_id)
+    if previous is None or previous.state != JobState.COMPLETED or not isinstance(previous.response_body, dict):
+        return None
+    output = previous.response_body.get("output") or []
+    return {**body, "input": [*as_items(previous.request_body.get("input")), *output, *as_items(body.get("input"))]}
+
+
+def as_items(given: Any) -> list[Any]:
+    """A Responses input (a string or a list of items) as a list of items."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return list(given) if isinstance(given, list) else []
+
+
 def delete_job(job: InferenceRequest) -> None:
     """Delete a response: cancelled first if it has not finished, so no worker runs or charges it."""
     InferenceRequest.objects.filter(pk=job.pk).finish(state=JobState.CANCELED)

@@ -13,8 +13,9 @@ from django.http.response import HttpResponseBase
 
 from gateway import budget, errors, flex, limits
 from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
-from gateway.db import DATABASE_ERRORS
+from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.errors import Denial, denied, render_denial
+from gateway.jobs import conversation
 from gateway.policy import (
     INFERENCE_PATHS,
     Authorized,
@@ -108,6 +109,11 @@ class TierRoutingMiddleware(AsyncMiddleware):
         if path == "embeddings" and body.get("service_tier") == "flex":
             logger.warning("Flex requested on /embeddings: served in real time")
 
+        if path == "responses" and body.get("previous_response_id"):
+            continued = await in_thread(conversation, body, key.user_id)
+            if continued is None:
+                return errors.previous_response_not_found(str(body["previous_response_id"]))
+            call.body = continued
         model = snapshot.models.get(alias)
         if model is None:
             return errors.model_not_found(alias)

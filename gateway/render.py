@@ -8,6 +8,7 @@ import orjson
 from django.http import HttpResponse
 
 from gateway.errors import DEADLINE_MESSAGE, openai_error
+from gateway.jobs import as_items
 from gateway.models import InferenceRequest, JobState
 
 
@@ -34,6 +35,7 @@ REQUEST_DEFAULTS: dict[str, Any] = {
     "temperature": None,
     "top_p": None,
     "metadata": {},
+    "previous_response_id": None,
 }
 
 
@@ -99,10 +101,8 @@ ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output"
 
 def input_items(job: InferenceRequest) -> list[dict[str, Any]]:
     """A response's input as the items OpenAI lists for it, first to last, each with a stable id."""
-    given = job.request_body.get("input") if isinstance(job.request_body, dict) else None
-    raw = [{"role": "user", "content": given}] if isinstance(given, str) else given
     items = []
-    for index, item in enumerate(raw if isinstance(raw, list) else []):
+    for index, item in enumerate(as_items(job.request_body.get("input"))):
         if not isinstance(item, dict):
             continue
         kind = item.get("type", "message")

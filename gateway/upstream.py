@@ -13,8 +13,9 @@ from gateway import clients
 from gateway.errors import UPSTREAM_TIMEOUT_MESSAGE, UPSTREAM_UNREACHABLE_MESSAGE
 from gateway.snapshot import ModelEntry
 
-# Fields the gateway answers itself; the upstream call is always a plain synchronous one.
-GATEWAY_FIELDS = ("service_tier", "background")
+# Fields the gateway answers itself; the upstream call is always a plain synchronous one, and a
+# follow-up comes with its whole conversation (gateway.jobs.conversation).
+GATEWAY_FIELDS = ("service_tier", "background", "previous_response_id")
 
 
 def unstreamed(body: dict[str, Any]) -> dict[str, Any]:

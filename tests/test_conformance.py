@@ -305,3 +305,26 @@ def test_every_answer_carries_an_x_request_id_refusals_included(world, user_with
     assert [answer.status_code for answer in answers] == [401, 400, 404, 404, 413, 200]
     ids = [answer.headers.get("x-request-id") for answer in answers]
     assert all(id_ and id_.startswith("req_") for id_ in ids) and len(set(ids)) == len(ids)
+
+
+# --- previous_response_id ------------------------------------------------------------------------
+
+
+def test_a_follow_up_is_sent_upstream_with_the_conversation_it_continues(
+    world, user_with_credits, user_without_credits, make_key
+):
+    client = world.client(make_key(user_with_credits))
+    first = client.responses.create(model="gpt-test", input="What is 2 + 2?", instructions="Be brief.")
+
+    follow_up = client.responses.create(model="gpt-test", input="And 3 + 3?", previous_response_id=first.id)
+
+    sent = world.upstream.requests[-1]["body"]
+    assert "previous_response_id" not in sent and "instructions" not in sent  # instructions do not carry over
+    assert [item.get("role") for item in sent["input"]] == ["user", "assistant", "user"]
+    assert sent["input"][1]["content"][0]["text"] == "Hello from upstream"
+    assert follow_up.previous_response_id == first.id
+    with pytest.raises(openai.NotFoundError) as refused:
+        world.client(make_key(user_without_credits)).responses.create(
+            model="free-model", input="hi", previous_response_id=first.id
+        )
+    assert refused.value.code == "previous_response_not_found"  # someone else's response
