@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
+import orjson
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
@@ -269,19 +270,29 @@ UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 
 
 async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
-    """Relay a streamed /responses call, showing the client our id in place of the upstream's."""
+    """Relay a streamed /responses call, showing the client our id in place of the upstream's, and
+    the alias it asked for in place of the upstream's model name."""
     await in_thread(
         create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=GATEWAY_PROCESS
     )
     ours = f"resp_{job_id.hex}".encode()
     seen: list[bytes] = []
+    alias = orjson.dumps(call.body.get("model"))
+    upstream_names = [
+        b'"model":' + orjson.dumps(call.served.upstream_model),
+        b'"model": ' + orjson.dumps(call.served.upstream_model),
+    ]
 
     def transform(chunk: bytes) -> bytes:
         if not seen:
             match = UPSTREAM_RESPONSE_ID.search(chunk)
             if match:
                 seen.append(match.group(1))
-        return chunk.replace(seen[0], ours) if seen else chunk
+        if seen:
+            chunk = chunk.replace(seen[0], ours)
+        for name in upstream_names:
+            chunk = chunk.replace(name, b'"model":' + alias)
+        return chunk
 
     def final(usage: SSEUsage) -> Any:
         event = usage.data()

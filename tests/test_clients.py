@@ -78,6 +78,7 @@ def test_responses_json_stream_and_retrieve(client):
     assert response.output_text == "Hello from upstream"
     assert client.responses.retrieve(response.id).output_text == "Hello from upstream"
     assert events[-1].type == "response.completed" and events[-1].response.id.startswith("resp_")
+    assert {event.response.model for event in events} == {"gpt-test"}  # the alias, not "gpt-upstream"
 
 
 def test_responses_background_then_retrieve_and_input_items(client):
