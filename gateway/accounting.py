@@ -65,6 +65,7 @@ class CallRecord:
     committed: int = 0  # nano-credits credit admission holds for it until it is written (gateway.budget)
     process: str = PROCESS  # the process that recorded it
     job: dict[str, Any] | None = None  # a /responses record the database could not take when the call ended
+    client_request_id: str = ""  # the X-Client-Request-Id the client sent, if any
 
     @classmethod
     def from_line(cls, line: dict[str, Any]) -> CallRecord:
@@ -114,6 +115,7 @@ LOG_COLUMNS = (
     "output_tokens",
     "cost",
     "usage_estimated",
+    "client_request_id",
     "created_at",
 )
 
@@ -148,7 +150,7 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
         LOG_COLUMNS,
         [
             (
-                r.request_id,
+                f"req_{r.request_id}",  # the x-request-id its client saw
                 r.user_id,
                 r.api_key_id,
                 r.model_alias,
@@ -161,6 +163,7 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
                 r.output_tokens,
                 costs.get(r.request_id),
                 r.usage_estimated,
+                r.client_request_id,
                 r.started_at,
             )
             for r in records

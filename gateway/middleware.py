@@ -31,6 +31,7 @@ from gateway.snapshot import aget_snapshot
 logger = logging.getLogger(__name__)
 API_PREFIX = "/ai/v1/"
 REQUEST_ID_HEADER = "x-request-id"
+CLIENT_REQUEST_ID_LENGTH = 512  # OpenAI's limit for X-Client-Request-Id
 
 
 class AsyncMiddleware:
@@ -91,6 +92,7 @@ class TierRoutingMiddleware(AsyncMiddleware):
         if refuses_inference(key):
             return errors.platform_key_refused()
         call = GatewayCall(key=key, path=path, request_id=request_id, started_at=time.time())
+        call.client_request_id = request.headers.get("X-Client-Request-Id", "")[:CLIENT_REQUEST_ID_LENGTH]
         gateway_request = cast(GatewayRequest, request)
         gateway_request.gateway = call
         if request.method != "POST" or path not in INFERENCE_PATHS:

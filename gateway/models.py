@@ -251,7 +251,10 @@ class InferenceRequest(models.Model):
 class RequestLog(models.Model):
     """One row per proxied call, for analytics. Written in batches off the request path."""
 
-    request_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(max_length=64, unique=True, help_text="The x-request-id its client saw.")
+    client_request_id = models.CharField(
+        max_length=512, blank=True, default="", help_text="The X-Client-Request-Id its client sent."
+    )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey("accounts.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
     model_alias = models.CharField(max_length=200)

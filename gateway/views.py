@@ -83,6 +83,7 @@ def record_call(
             usage_estimated=estimated,
             committed=committed,
             job=job,
+            client_request_id=call.client_request_id,
         )
     )
 

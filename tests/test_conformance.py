@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.models import InferenceRequest
+from gateway.models import InferenceRequest, RequestLog
 from tests.conformance import assert_conforms, assert_stream_conforms, conforming_client, violations
 from tests.conftest import (
     FLEX_COST,
@@ -328,3 +328,14 @@ def test_a_follow_up_is_sent_upstream_with_the_conversation_it_continues(
             model="free-model", input="hi", previous_response_id=first.id
         )
     assert refused.value.code == "previous_response_not_found"  # someone else's response
+
+
+def test_the_x_request_id_is_the_id_on_the_calls_record_with_the_clients_own_id(world, user_with_credits, make_key):
+    client = world.client(make_key(user_with_credits))
+
+    reply = client.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=HELLO, extra_headers={"X-Client-Request-Id": "my-trace-7"}
+    )
+
+    log = wait_for(lambda: RequestLog.objects.filter(request_id=reply.headers["x-request-id"]).first())
+    assert log.client_request_id == "my-trace-7"

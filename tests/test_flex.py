@@ -52,7 +52,7 @@ def test_blocking_flex_chat_returns_the_upstream_result_charged_once_at_the_flex
     assert [row.amount for row in flex_charges(job.id)] == [FLEX_COST]
     assert flex_charges(job.id)[0].tier == "flex"
     assert balance_of(user_with_credits) == before - FLEX_COST
-    assert RequestLog.objects.get(request_id=job.id.hex).service_tier == "flex"
+    assert RequestLog.objects.get(request_id=f"req_{job.id.hex}").service_tier == "flex"
 
 
 def test_background_flex_response_is_queued_then_completes(world, user_with_credits, make_key):

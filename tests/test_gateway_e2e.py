@@ -33,7 +33,7 @@ def test_chat_completion_is_proxied_and_charged_exactly(world, user_with_credits
     assert balance_of(user_with_credits) == before - EXPECTED_COST
     row = CreditTransaction.objects.get(kind="usage", user=user_with_credits)
     assert row.amount == EXPECTED_COST
-    log = RequestLog.objects.get(request_id=row.source_id)
+    log = RequestLog.objects.get(request_id=f"req_{row.source_id}")
     assert (log.status_code, log.input_tokens, log.output_tokens) == (200, PROMPT_TOKENS, COMPLETION_TOKENS)
 
 
@@ -172,5 +172,5 @@ def test_a_background_responses_call_is_charged_with_its_tokens(world, user_with
     assert balance_of(user_with_credits) == before - EXPECTED_COST
     job = InferenceRequest.objects.get(pk=job_id)
     assert (job.state, job.input_tokens, job.output_tokens) == ("completed", PROMPT_TOKENS, COMPLETION_TOKENS)
-    log = RequestLog.objects.get(request_id=job.id.hex)
+    log = RequestLog.objects.get(request_id=f"req_{job.id.hex}")
     assert (log.input_tokens, log.output_tokens, log.cost) == (PROMPT_TOKENS, COMPLETION_TOKENS, EXPECTED_COST)
