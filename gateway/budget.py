@@ -27,7 +27,7 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from accounts.models import SpendWindow
-from billing.models import Balance, price_tokens
+from billing.models import Balance
 from common.numbers import plain_decimal
 from gateway import errors
 from gateway.call import GatewayCall
@@ -58,12 +58,17 @@ def output_bound(body: dict[str, Any], model: ModelEntry) -> int | None:
     return model.max_output_tokens
 
 
+def price_nanos(prices: tuple[int, int], input_tokens: int, output_tokens: int) -> int:
+    """Tokens at (input, output) pico-credits per token, in nano-credits: the same as
+    ``to_nanos(billing.models.price_tokens(...))`` (half to even), in integers, without a Decimal."""
+    nanos, rest = divmod(prices[0] * input_tokens + prices[1] * output_tokens, 1000)
+    return nanos + 1 if rest > 500 or (rest == 500 and nanos % 2) else nanos
+
+
 def reservation(model: ModelEntry, tier: str, body: dict[str, Any], body_bytes: int) -> tuple[int, bool]:
     """A call's reservation in nano-credits, and whether it bounds the call's cost."""
-    input_price, output_price = model.prices[tier]
     bound = output_bound(body, model)
-    cost = price_tokens(input_price, output_price, estimate_input_tokens(body_bytes), bound or 0)
-    return to_nanos(cost), bound is not None
+    return price_nanos(model.prices[tier], estimate_input_tokens(body_bytes), bound or 0), bound is not None
 
 
 # --- accounts -------------------------------------------------------------------------------------
@@ -218,8 +223,7 @@ def cost_nanos(model: ModelEntry, tier: str, tokens: tuple[int | None, int | Non
     """The exact cost of the tokens a call used, at the tier's current price (none: nothing)."""
     if tokens[0] is None or tier not in model.prices:
         return 0
-    input_price, output_price = model.prices[tier]
-    return to_nanos(price_tokens(input_price, output_price, tokens[0], tokens[1] or 0))
+    return price_nanos(model.prices[tier], tokens[0], tokens[1] or 0)
 
 
 def _moves(hold: Hold, charged: int, *, written: bool) -> list[tuple[str, int, int]]:
