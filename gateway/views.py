@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
@@ -22,7 +21,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from gateway import budget, clients, errors, limits
-from gateway.accounting import CallRecord, accountant
+from gateway.accounting import accountant, journal_line
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, cancel_job, create_job, find_job, finish_job, record_response
@@ -64,7 +63,7 @@ def record_call(
     committed = budget.settle(call, tokens if status < 400 else (None, None))
     limits.count_tokens(call, *tokens)
     accountant.add(
-        CallRecord(
+        journal_line(
             request_id=call.request_id,
             user_id=call.key.user_id,
             api_key_id=call.key.id,
@@ -73,12 +72,12 @@ def record_call(
             path=call.path,
             tier=call.tier,
             status_code=status,
-            started_at=datetime.fromtimestamp(call.started_at, tz=UTC),
+            started_at=call.started_at,
             latency_ms=(time.time() - call.started_at) * 1000,
             ttfb_ms=ttfb_ms,
             input_tokens=tokens[0],
             output_tokens=tokens[1],
-            job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
+            job_id=call.request_id if call.path == "responses" else None,
             usage_estimated=estimated,
             committed=committed,
             job=job,
