@@ -67,6 +67,14 @@ class Tariff(models.Model):
         return price_tokens(self.input_price, self.output_price, input_tokens, output_tokens)
 
 
+def to_picos(price: Decimal) -> int:
+    """A price per 1M tokens as integer pico-credits per token (exact: prices have six decimals)."""
+    picos = price.scaleb(6)
+    if picos != picos.to_integral_value():
+        raise ValueError(f"{price} has more than six decimals")
+    return int(picos)
+
+
 def price_tokens(input_price: Decimal, output_price: Decimal, input_tokens: int, output_tokens: int) -> Decimal:
     total = (input_price * input_tokens + output_price * output_tokens) / ONE_MILLION
     return total.quantize(NANO)

@@ -19,7 +19,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -68,12 +68,19 @@ class CallRecord:
     client_request_id: str = ""  # the X-Client-Request-Id the client sent, if any
 
     @classmethod
-    def from_line(cls, line: dict[str, Any]) -> CallRecord:
-        """A record as the journal holds it (gateway.journal)."""
-        line["started_at"] = datetime.fromisoformat(line["started_at"])
-        if line["job_id"] is not None:
-            line["job_id"] = uuid.UUID(line["job_id"])
-        return cls(**line)
+    def from_line(cls, line: list[Any] | dict[str, Any]) -> CallRecord:
+        """A record as the journal holds it: a :func:`journal_line` (or, from a journal of an
+        earlier version, an object of the fields)."""
+        if isinstance(line, dict):
+            line["started_at"] = datetime.fromisoformat(line["started_at"])
+            if line["job_id"] is not None:
+                line["job_id"] = uuid.UUID(line["job_id"])
+            return cls(**line)
+        record = cls(*line)
+        record.started_at = datetime.fromtimestamp(line[8], tz=UTC)
+        if record.job_id is not None:
+            record.job_id = uuid.UUID(hex=line[13])
+        return record
 
     @property
     def billable(self) -> bool:
@@ -83,6 +90,52 @@ class CallRecord:
     def source_id(self) -> str:
         """The ledger's idempotency key: a recorded call is charged under its job's id."""
         return str(self.job_id) if self.job_id is not None else self.request_id
+
+
+def journal_line(
+    *,
+    request_id: str,
+    user_id: int,
+    api_key_id: int | None,
+    model_id: int | None,
+    model_alias: str,
+    path: str,
+    tier: str,
+    status_code: int,
+    started_at: float,
+    latency_ms: float,
+    ttfb_ms: float | None,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    job_id: str | None,
+    usage_estimated: bool,
+    committed: int,
+    job: dict[str, Any] | None,
+    client_request_id: str,
+) -> tuple[Any, ...]:
+    """A finished real-time call as its journal line: CallRecord's fields in their order, the start
+    as a POSIX time, the job id as hex. A tuple, not a record: built and written on every call."""
+    return (
+        request_id,
+        user_id,
+        api_key_id,
+        model_id,
+        model_alias,
+        path,
+        tier,
+        status_code,
+        started_at,
+        latency_ms,
+        ttfb_ms,
+        input_tokens,
+        output_tokens,
+        job_id,
+        usage_estimated,
+        committed,
+        PROCESS,
+        job,
+        client_request_id,
+    )
 
 
 def price(records: list[CallRecord]) -> dict[str, Decimal]:
@@ -205,8 +258,9 @@ class _Accountant:
         # Held while segments are written, so flush() returns only when everything sealed is written.
         self.writing = threading.Lock()
 
-    def add(self, record: CallRecord) -> None:
-        journal().append(record)
+    def add(self, line: tuple[Any, ...]) -> None:
+        """Journal a finished call (a :func:`journal_line`), to be written with the next batch."""
+        journal().append(line)
         loop = asyncio.get_running_loop()
         if self.flusher is None or self.flusher.done() or self.flusher.get_loop() is not loop:
             self.flusher = loop.create_task(self._run())

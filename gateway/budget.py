@@ -27,10 +27,11 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from accounts.models import SpendWindow
-from billing.models import Balance, price_tokens
+from billing.models import Balance
 from common.numbers import plain_decimal
 from gateway import errors
 from gateway.call import GatewayCall
+from gateway.counters import Credits
 from gateway.db import in_thread
 from gateway.ledger_cache import PROCESS, MemoryCache, Refusal, Seed, ledger_cache
 from gateway.models import RequestLog
@@ -38,6 +39,7 @@ from gateway.snapshot import KeyEntry, ModelEntry
 
 logger = logging.getLogger(__name__)
 NANOS_PER_CREDIT = 10**9
+Move = tuple[str, int, int]  # an account, its reserved change, its recorded change (nano-credits)
 OUTPUT_BOUNDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
@@ -58,12 +60,17 @@ def output_bound(body: dict[str, Any], model: ModelEntry) -> int | None:
     return model.max_output_tokens
 
 
+def price_nanos(prices: tuple[int, int], input_tokens: int, output_tokens: int) -> int:
+    """Tokens at (input, output) pico-credits per token, in nano-credits: the same as
+    ``to_nanos(billing.models.price_tokens(...))`` (half to even), in integers, without a Decimal."""
+    nanos, rest = divmod(prices[0] * input_tokens + prices[1] * output_tokens, 1000)
+    return nanos + 1 if rest > 500 or (rest == 500 and nanos % 2) else nanos
+
+
 def reservation(model: ModelEntry, tier: str, body: dict[str, Any], body_bytes: int) -> tuple[int, bool]:
     """A call's reservation in nano-credits, and whether it bounds the call's cost."""
-    input_price, output_price = model.prices[tier]
     bound = output_bound(body, model)
-    cost = price_tokens(input_price, output_price, estimate_input_tokens(body_bytes), bound or 0)
-    return to_nanos(cost), bound is not None
+    return price_nanos(model.prices[tier], estimate_input_tokens(body_bytes), bound or 0), bound is not None
 
 
 # --- accounts -------------------------------------------------------------------------------------
@@ -199,30 +206,31 @@ def refusal_response(call: GatewayCall, refusal: Refusal, window: KeyWindow | No
     return errors.denied(errors.BALANCE_TOO_LOW, call.requested_alias)
 
 
-async def admit(call: GatewayCall, *, hold: bool = True) -> HttpResponse | None:
-    """Reserve a paid call's cost (or, with ``hold=False``, only check that it fits); the 402 if not."""
+async def credits_for(call: GatewayCall, *, hold: bool = True) -> tuple[Credits, KeyWindow | None] | None:
+    """What a paid call reserves on its accounts (with ``hold=False``, only the room it must find),
+    and its key's spend window; None when its model is free at its tier."""
     model = call.served
     if call.tier not in model.paid_tiers:
         return None
     nanos, bounded = reservation(model, call.tier, call.body, call.body_bytes)
     seeds, window = await _seeds_for(call)
-    refusal = await ledger_cache().areserve(seeds, nanos if hold else 0, nanos if bounded else 0)
-    if refusal is not None:
-        return refusal_response(call, refusal, window)
-    if hold:
-        call.hold = Hold(tuple(seed.account for seed in seeds), nanos)
-    return None
+    return Credits(seeds, nanos if hold else 0, nanos if bounded else 0), window
+
+
+def take_hold(call: GatewayCall, credits: Credits) -> None:
+    """The call was admitted: it holds its reservation until it is settled."""
+    if credits.nanos:
+        call.hold = Hold(tuple(seed.account for seed in credits.seeds), credits.nanos)
 
 
 def cost_nanos(model: ModelEntry, tier: str, tokens: tuple[int | None, int | None]) -> int:
     """The exact cost of the tokens a call used, at the tier's current price (none: nothing)."""
     if tokens[0] is None or tier not in model.prices:
         return 0
-    input_price, output_price = model.prices[tier]
-    return to_nanos(price_tokens(input_price, output_price, tokens[0], tokens[1] or 0))
+    return price_nanos(model.prices[tier], tokens[0], tokens[1] or 0)
 
 
-def _moves(hold: Hold, charged: int, *, written: bool) -> list[tuple[str, int, int]]:
+def _moves(hold: Hold, charged: int, *, written: bool) -> list[Move]:
     """(account, reserved change, recorded change) that replace a hold by its exact charge. The user's
     account records the charge until it is written; a key window keeps it for the window."""
     return [
@@ -230,22 +238,15 @@ def _moves(hold: Hold, charged: int, *, written: bool) -> list[tuple[str, int, i
     ]
 
 
-def settle(call: GatewayCall, tokens: tuple[int | None, int | None] = (None, None)) -> int:
+def settle(call: GatewayCall, tokens: tuple[int | None, int | None] = (None, None)) -> tuple[int, list[Move]]:
     """Replace a call's reservation by the exact cost of the tokens it used (none: it costs
-    nothing); returns that cost in nano-credits, committed on the user's account until written."""
+    nothing): that cost in nano-credits, committed on the user's account until written, and the
+    moves of its accounts that do it (the caller sends them, gateway.admission)."""
     held, call.hold = call.hold, None
     if held is None:
-        return 0
+        return 0, []
     charged = cost_nanos(call.served, call.tier, tokens)
-    cache = ledger_cache()
-    for account, reserved, recorded in _moves(held, charged, written=False):
-        if isinstance(cache, MemoryCache):
-            cache.move(account, reserved=reserved, recorded=recorded)
-        else:
-            task = asyncio.get_running_loop().create_task(cache.amove(account, reserved=reserved, recorded=recorded))
-            _moving.add(task)
-            task.add_done_callback(_moving.discard)
-    return charged
+    return charged, _moves(held, charged, written=False)
 
 
 # --- queued calls: reserved by the worker that runs them ------------------------------------------
@@ -277,9 +278,6 @@ def release_job_now(hold: Hold, charged: int) -> None:
     """Sync twin of :func:`release_job`."""
     for account, reserved, recorded in _moves(hold, charged, written=True):
         ledger_cache().move(account, reserved=reserved, recorded=recorded)
-
-
-_moving: set[asyncio.Task[None]] = set()
 
 
 def written(records: Iterable[tuple[int, int, str]]) -> None:

@@ -43,6 +43,7 @@ class GatewayCall:
     body_bytes: int = 0  # the size of the request body, for estimating its input tokens
     hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
     client_request_id: str = ""  # what the client sent as X-Client-Request-Id, stored with its record
+    slot: tuple[int, str] | None = None  # the capacity slot it holds: (model id, lease)
     relaying: bool = False  # its upstream's stream is being relayed: a client that leaves is not waited for
     # Left by the limit checks for the x-ratelimit-* headers: the tighter of the key's and the model's.
     request_headroom: Headroom | None = None

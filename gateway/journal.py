@@ -79,7 +79,7 @@ class Journal:
         return Segment(path, fd)
 
     def append(self, record: object) -> None:
-        line = orjson.dumps(record) + b"\n"  # a dataclass
+        line = orjson.dumps(record) + b"\n"
         with self.lock:
             if self.current is None:
                 self.current = self._open()

@@ -13,7 +13,8 @@ limit. Each account holds, in integer nano-credits:
   killed process never keeps credits from its users.
 
 A call is admitted while ``b - s - Σc`` is above zero and covers the call's bounded reservation,
-on every account it spends against, in one atomic step (one Lua script, one round trip).
+on every account it spends against, in one atomic step with its rates and its capacity slot
+(gateway.counters: one Lua script, one round trip).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from gateway import scripts
 from gateway.redis_state import warn_unreachable
 
 PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its lease
@@ -91,67 +93,11 @@ class MemoryCache:
         with self.lock:
             self._account(seed)
 
-    async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
-        return self.reserve(seeds, nanos, need)
-
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
         self.move(account, reserved=reserved, recorded=recorded)
 
 
 # --- in Redis: every process --------------------------------------------------------------------
-
-_SEED = """
-local function seed(key, version, base)
-  local held = tonumber(redis.call('HGET', key, 'v') or '-1')
-  if tonumber(version) > held then redis.call('HSET', key, 'v', version, 'b', base) end
-end
-"""
-
-# KEYS: accounts. ARGV: process, lease prefix, nanos, need, ttl, then version and base per account.
-_RESERVE = (
-    _SEED
-    + """
-local available = {}
-for i, key in ipairs(KEYS) do
-  seed(key, ARGV[4 + 2 * i], ARGV[5 + 2 * i])
-  local fields = redis.call('HGETALL', key)
-  local total = 0
-  local base = 0
-  for j = 1, #fields, 2 do
-    local name, value = fields[j], tonumber(fields[j + 1])
-    if name == 'b' then base = value
-    elseif name == 's' then total = total + value
-    elseif string.sub(name, 1, 2) == 'c:' then
-      local owner = string.sub(name, 3)
-      if owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. owner) == 0 then
-        redis.call('HDEL', key, name)
-      else
-        total = total + value
-      end
-    end
-  end
-  available[i] = base - total
-  if available[i] <= 0 or available[i] < tonumber(ARGV[4]) then
-    return {i, tostring(available[i])}
-  end
-end
-for _, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, 'c:' .. ARGV[1], ARGV[3])
-  redis.call('EXPIRE', key, ARGV[5])
-end
-return {0, '0'}
-"""
-)
-
-# KEYS: the account. ARGV: process, reserved delta, recorded delta, ttl.
-_MOVE = """
-if tonumber(ARGV[2]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'c:' .. ARGV[1], ARGV[2]) end
-if tonumber(ARGV[3]) ~= 0 then
-  local recorded = redis.call('HINCRBY', KEYS[1], 's', ARGV[3])
-  if recorded < 0 then redis.call('HSET', KEYS[1], 's', 0) end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-"""
 
 
 class RedisCache:
@@ -167,11 +113,11 @@ class RedisCache:
         self.lease = f"{prefix}:credits-lease:"
         self.url = url
         self.sync = redis.Redis.from_url(url)
-        self.sync_reserve_script = self.sync.register_script(_RESERVE)
-        self.move_script = self.sync.register_script(_MOVE)
+        self.sync_reserve_script = self.sync.register_script(scripts.RESERVE)
+        self.move_script = self.sync.register_script(scripts.MOVE)
         # An asyncio client belongs to one event loop (the gateway's, a flex worker's): one per loop.
-        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = weakref.WeakKeyDictionary()
-        self.seed_script = self.sync.register_script(_SEED + "seed(KEYS[1], ARGV[1], ARGV[2])")
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self.seed_script = self.sync.register_script(scripts.SEED)
         self.local = MemoryCache()
         try:
             self.renew()
@@ -179,16 +125,15 @@ class RedisCache:
             warn_unreachable("credits", exc)
         threading.Thread(target=self._keep_lease, name="credits-lease", daemon=True).start()
 
-    def _scripts(self) -> tuple[Any, Any]:
-        """The reserve and move scripts on this event loop's client."""
+    def _move_script(self) -> Any:
+        """The move script on this event loop's client."""
         loop = asyncio.get_running_loop()
-        scripts = self.loops.get(loop)
-        if scripts is None:
+        script = self.loops.get(loop)
+        if script is None:
             import redis.asyncio
 
-            client = redis.asyncio.Redis.from_url(self.url)
-            scripts = self.loops[loop] = (client.register_script(_RESERVE), client.register_script(_MOVE))
-        return scripts
+            script = self.loops[loop] = redis.asyncio.Redis.from_url(self.url).register_script(scripts.MOVE)
+        return script
 
     def renew(self) -> None:
         self.sync.set(self.lease + PROCESS, 1, ex=LEASE_SECONDS)
@@ -212,14 +157,6 @@ class RedisCache:
         index = int(answer[0])
         return None if index == 0 else Refusal(seeds[index - 1].account, int(float(answer[1])))
 
-    async def areserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
-        keys, args = self._reserve_args(seeds, nanos, need)
-        try:
-            return self._refusal(seeds, await self._scripts()[0](keys=keys, args=args))
-        except RedisError as exc:
-            warn_unreachable("credits", exc)
-            return self.local.reserve(seeds, nanos, need)
-
     def reserve(self, seeds: list[Seed], nanos: int, need: int) -> Refusal | None:
         keys, args = self._reserve_args(seeds, nanos, need)
         try:
@@ -238,7 +175,7 @@ class RedisCache:
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
         args = [PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS]
         try:
-            await self._scripts()[1](keys=[self.prefix + account], args=args)
+            await self._move_script()(keys=[self.prefix + account], args=args)
         except RedisError as exc:
             warn_unreachable("credits", exc)
             self.local.move(account, reserved=reserved, recorded=recorded)

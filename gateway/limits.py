@@ -1,21 +1,22 @@
-"""Rate limits per key and per model, tokens per minute, and per-model concurrent capacity.
+"""Rate limits per key and per model, tokens per minute, and per-model concurrent capacity: what
+a call counts against (checked and taken with its credits in one step, gateway.admission).
 
 The counters live in memory by default and in Redis when ``REDIS_URL`` is set, so that every
 gateway process shares one budget (gateway/counters.py). ``requests_per_second`` with
 ``burst_size`` B is a token bucket: a burst of B at once, rps on average, exactly.
 ``tokens_per_minute`` refuses a call while the tokens counted in the last rolling minute have
 reached the limit; a call's tokens (input + output, as the upstream reported them) are counted
-when it ends: :func:`count_tokens` for real-time calls, :func:`count_key_tokens` for flex calls.
-A key's limits count every tier; a model's, real-time calls only (flex has ``flex_concurrency``).
+when it ends: in its ending for real-time calls (:func:`token_scopes`), by :func:`count_key_tokens`
+for flex calls. A key's limits count every tier; a model's, real-time calls only (flex has
+``flex_concurrency``).
 
-Each check leaves what is left of its limits on the call, and TierRoutingMiddleware reports them in
+The checks leave what is left of the limits on the call, and TierRoutingMiddleware reports them in
 OpenAI's ``x-ratelimit-*`` headers (:func:`add_headers`). When a key and its model both limit a
 call, the headers report the tighter one: the limit with fewer requests (or tokens) remaining,
 the one that resets later on a tie: the limit that will stop the client first.
 
-Capacity (concurrent real-time calls per model) has one owner: ``async with capacity(call):``
-around an upstream call takes a slot or raises :class:`AtCapacity`, and gives the slot back when
-the block ends, however it ends. Queued (flex) calls take none: their claim is their slot,
+Capacity (concurrent real-time calls per model) is a slot taken when the call is admitted and given
+back when it ends (gateway.admission). Queued (flex) calls take none: their claim is their slot,
 counted in the database against the model's ``flex_concurrency``.
 """
 
@@ -25,7 +26,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from contextlib import AbstractAsyncContextManager, nullcontext
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,8 @@ from django.http.response import HttpResponseBase
 from accounts.models import ApiKey
 from gateway import errors
 from gateway.call import GatewayCall, Headroom
-from gateway.counters import Rate, counters
+from gateway.counters import Limit, Rate, Verdict
+from gateway.shared_counters import counters
 
 if TYPE_CHECKING:
     from gateway.accounting import CallRecord
@@ -58,47 +59,52 @@ def _tighter(held: Headroom | None, new: Headroom | None) -> Headroom | None:
     return min(held, new, key=lambda headroom: (headroom.remaining, -headroom.reset))
 
 
-async def check_key(call: GatewayCall) -> HttpResponse | None:
-    """Count the request against its key's rate, whatever its tier; return the 429 if a limit is spent."""
+def limits_of(call: GatewayCall) -> list[Limit]:
+    """The limits a call counts against: its key's, whatever its tier, and its model's in real time."""
+    found = []
     key = call.key
-    if not key.requests_per_second and not key.tokens_per_minute:
-        return None
-    rate = _rate(key.requests_per_second, key.burst_size)
-    verdict = await counters().check(f"key:{key.id}", rate, key.tokens_per_minute, clock())
-    call.request_headroom, call.token_headroom = verdict.requests, verdict.tokens
-    if verdict.wait is None:
-        return None
-    return errors.key_tokens_limited(verdict.wait) if verdict.by_tokens else errors.key_rate_limited(verdict.wait)
-
-
-async def check_model(call: GatewayCall) -> HttpResponse | None:
-    """Count a real-time call against its model's rate; return the 429 if a limit is spent."""
+    if key.requests_per_second or key.tokens_per_minute:
+        found.append(Limit(f"key:{key.id}", _rate(key.requests_per_second, key.burst_size), key.tokens_per_minute))
     model = call.served
-    if not model.requests_per_second and not model.tokens_per_minute:
-        return None
-    rate = _rate(model.requests_per_second, model.burst_size)
-    verdict = await counters().check(f"model:{model.id}", rate, model.tokens_per_minute, clock())
-    call.request_headroom = _tighter(call.request_headroom, verdict.requests)
-    call.token_headroom = _tighter(call.token_headroom, verdict.tokens)
-    if verdict.wait is None:
-        return None
-    alias = call.requested_alias
-    if verdict.by_tokens:
-        return errors.model_tokens_limited(alias, verdict.wait)
-    return errors.model_rate_limited(alias, verdict.wait)
+    if call.tier == "realtime" and (model.requests_per_second or model.tokens_per_minute):
+        rate = _rate(model.requests_per_second, model.burst_size)
+        found.append(Limit(f"model:{model.id}", rate, model.tokens_per_minute))
+    return found
 
 
-def count_tokens(call: GatewayCall, input_tokens: int | None, output_tokens: int | None) -> None:
-    """Count a finished real-time call's tokens against its key's and its model's tokens per minute."""
-    used = (input_tokens or 0) + (output_tokens or 0)
-    if used <= 0:
-        return
+def slot_of(call: GatewayCall) -> tuple[int, int] | None:
+    """The model's concurrent-call slots a real-time call takes one of: (model id, capacity)."""
+    model = call.served
+    return None if model.capacity is None or call.tier != "realtime" else (model.id, model.capacity)
+
+
+def take_verdicts(call: GatewayCall, limits: list[Limit], verdicts: list[Verdict]) -> HttpResponse | None:
+    """Leave what the checked limits have left on the call (the tighter of two), and return the 429
+    of the one that refused it, if one did."""
+    for verdict in verdicts:
+        call.request_headroom = _tighter(call.request_headroom, verdict.requests)
+        call.token_headroom = _tighter(call.token_headroom, verdict.tokens)
+    last = verdicts[-1] if verdicts else None
+    if last is None or last.wait is None:
+        return None
+    if limits[len(verdicts) - 1].scope.startswith("key:"):
+        return errors.key_tokens_limited(last.wait) if last.by_tokens else errors.key_rate_limited(last.wait)
+    if last.by_tokens:
+        return errors.model_tokens_limited(call.requested_alias, last.wait)
+    return errors.model_rate_limited(call.requested_alias, last.wait)
+
+
+def at_capacity(call: GatewayCall) -> HttpResponse:
+    return errors.model_at_capacity(call.requested_alias)
+
+
+def token_scopes(call: GatewayCall) -> list[str]:
+    """The minutes a finished call's tokens are counted in: its key's, and its model's in real time."""
     scopes = [f"key:{call.key.id}"] if call.key.tokens_per_minute else []
     model = call.served
     if model.tokens_per_minute and call.tier == "realtime":
         scopes.append(f"model:{model.id}")
-    if scopes:
-        counters().count(scopes, call.request_id, used, clock())
+    return scopes
 
 
 def count_key_tokens(records: Iterable[CallRecord]) -> None:
@@ -149,43 +155,3 @@ def add_headers(response: HttpResponseBase, call: GatewayCall) -> None:
             response[f"x-ratelimit-limit-{kind}"] = str(headroom.limit)
             response[f"x-ratelimit-remaining-{kind}"] = str(headroom.remaining)
             response[f"x-ratelimit-reset-{kind}"] = duration(headroom.reset)
-
-
-class AtCapacity(Exception):
-    """Every concurrent-call slot of the model is taken (→ 429)."""
-
-    def __init__(self, call: GatewayCall) -> None:
-        super().__init__(call.requested_alias)
-        self.alias = call.requested_alias
-
-    def response(self) -> HttpResponse:
-        return errors.model_at_capacity(self.alias)
-
-
-class _Slot:
-    """One concurrent-call slot of a model, held for an `async with` block (a class, not a generator:
-    it is entered on every call)."""
-
-    __slots__ = ("call", "capacity", "lease", "model_id")
-
-    def __init__(self, call: GatewayCall, model_id: int, capacity: int) -> None:
-        self.call, self.model_id, self.capacity = call, model_id, capacity
-        self.lease: str | None = None
-
-    async def __aenter__(self) -> None:
-        self.lease = await counters().acquire(self.model_id, self.capacity)
-        if self.lease is None:
-            raise AtCapacity(self.call)
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.lease is not None
-        await counters().release(self.model_id, self.lease)
-
-
-_UNBOUNDED = nullcontext()
-
-
-def capacity(call: GatewayCall) -> AbstractAsyncContextManager[None]:
-    """Hold one of the model's concurrent-call slots for the block; raise AtCapacity when none is free."""
-    model = call.served
-    return _UNBOUNDED if model.capacity is None else _Slot(call, model.id, model.capacity)

@@ -11,7 +11,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from gateway import budget, errors, flex, limits
+from gateway import admission, errors, flex, limits
 from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.errors import Denial, denied, render_denial
@@ -125,12 +125,10 @@ class TierRoutingMiddleware(AsyncMiddleware):
         assert isinstance(decision, Authorized)
         call.model = decision.model
         call.requested_alias = decision.requested_alias
-        refusal = await limits.check_key(call)
+        # One step (one round trip with Redis): limits, credits, a capacity slot; nothing taken on a refusal.
+        refusal = await admission.admit(call)
         if refusal is not None:
             return refusal
         if call.route == Route.FLEX:
-            # Queued calls reserve credits when a worker starts them; here they must only fit.
-            return await budget.admit(call, hold=False) or await flex.submit(call)
-        # Real time: reserve the call's credits last, so no refusal before it has to give them back;
-        # the view takes a capacity slot around its upstream call (gateway.limits.capacity).
-        return await limits.check_model(call) or await budget.admit(call) or await self.get_response(request)
+            return await flex.submit(call)
+        return await self.get_response(request)

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey
-from billing.models import Tariff
+from billing.models import Tariff, to_picos
 from billing.services import paid_tiers, prices_at
 from gateway.db import in_thread
 from gateway.models import DeployedModel, SnapshotVersion, decrypt_credentials
@@ -70,8 +70,9 @@ class ModelEntry:
     created: int
     tokens_per_minute: int | None = None
     max_output_tokens: int | None = None
-    # tier -> (input, output) credits per 1M tokens, for the tiers it has a price at
-    prices: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    # tier -> (input, output) pico-credits per token (= micro-credits per 1M tokens: exact, prices
+    # have six decimals), for the tiers it has a price at: credit admission prices in integers
+    prices: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,10 @@ def build_snapshot() -> Snapshot:
             public=everyone.id in groups,
             rules=rules.get(model.id, {}),
             paid_tiers=paid_tiers(tariffs.get(model.id, ()), now),
-            prices=prices_at(tariffs.get(model.id, ()), now),
+            prices={
+                tier: (to_picos(input_price), to_picos(output_price))
+                for tier, (input_price, output_price) in prices_at(tariffs.get(model.id, ()), now).items()
+            },
             requests_per_second=model.requests_per_second,
             burst_size=model.burst_size,
             capacity=model.capacity,

@@ -1,8 +1,9 @@
 """The OpenAI-compatible API. Requests arrive authorized and routed by TierRoutingMiddleware.
 
-Every view that calls a model holds the model's capacity slot for exactly as long as its upstream
-call lasts — a JSON call, a relayed stream, a background call — with ``async with
-limits.capacity(call)``, and reports the call to accounting once it ends.
+Every view that calls a model holds the capacity slot its call took when admitted for as long as
+its upstream call lasts — a JSON call, a relayed stream, a background call — inside ``with
+admission.holding(call):``, and reports the call to accounting once it ends (which gives the slot
+back with the call's credits and tokens, gateway.admission).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
@@ -22,8 +22,8 @@ import orjson
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import budget, clients, errors, flex, limits
-from gateway.accounting import CallRecord, accountant
+from gateway import admission, budget, clients, errors, flex
+from gateway.accounting import accountant, journal_line
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
@@ -60,12 +60,11 @@ def record_call(
     job: dict[str, Any] | None = None,
 ) -> None:
     """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
-    cost replaces its credit reservation."""
+    cost replaces its credit reservation, and its slot and tokens go back with it."""
     model = call.served
-    committed = budget.settle(call, tokens if status < 400 else (None, None))
-    limits.count_tokens(call, *tokens)
+    committed = admission.finish(call, tokens, billed=status < 400)
     accountant.add(
-        CallRecord(
+        journal_line(
             request_id=call.request_id,
             user_id=call.key.user_id,
             api_key_id=call.key.id,
@@ -74,12 +73,12 @@ def record_call(
             path=call.path,
             tier=call.tier,
             status_code=status,
-            started_at=datetime.fromtimestamp(call.started_at, tz=UTC),
+            started_at=call.started_at,
             latency_ms=(time.time() - call.started_at) * 1000,
             ttfb_ms=ttfb_ms,
             input_tokens=tokens[0],
             output_tokens=tokens[1],
-            job_id=uuid.UUID(call.request_id) if call.path == "responses" else None,
+            job_id=call.request_id if call.path == "responses" else None,
             usage_estimated=estimated,
             committed=committed,
             job=job,
@@ -91,9 +90,10 @@ def record_call(
 def calls_model(
     view: Callable[[GatewayCall], Awaitable[HttpResponseBase]],
 ) -> Callable[[GatewayRequest], Coroutine[Any, Any, HttpResponseBase]]:
-    """A view that calls the model upstream: gets the admitted call; a full model answers 429, an
-    upstream that timed out or could not be reached is recorded and answered 504 / 502, and a
-    database that cannot be reached before the upstream call is answered 503."""
+    """A view that calls the model upstream: gets the admitted call; an upstream that timed out or
+    could not be reached is recorded and answered 504 / 502, and a database that cannot be reached
+    before the upstream call is answered 503. A call that ends otherwise served nothing: it gives
+    back what it holds."""
 
     @wraps(view)
     async def serve(request: GatewayRequest) -> HttpResponseBase:
@@ -102,28 +102,19 @@ def calls_model(
         call = request.gateway
         try:
             return await view(call)
-        except limits.AtCapacity as refusal:
-            budget.settle(call)
-            return refusal.response()
         except clients.UpstreamError as exc:
             failure = failure_of(exc)
             record_call(call, failure.status)
             return errors.openai_error(failure.status, failure.message, code=failure.code)
         except DATABASE_ERRORS:
-            budget.settle(call)
+            admission.finish(call)
             logger.warning("The database is unavailable: answered 503", exc_info=True)
             return errors.database_unavailable()
         except BaseException:
-            budget.settle(call)  # nothing was served: give the reservation back
+            admission.finish(call)  # nothing was served: give the slot and the reservation back
             raise
 
     return serve
-
-
-async def call_within_capacity(call: GatewayCall) -> UpstreamResult:
-    """One whole upstream call inside a capacity slot. Raises AtCapacity, clients.UpstreamError."""
-    async with limits.capacity(call):
-        return await call_upstream(call.served, call.path, call.body)
 
 
 # --- streams -------------------------------------------------------------------------------------
@@ -132,10 +123,10 @@ async def call_within_capacity(call: GatewayCall) -> UpstreamResult:
 async def upstream_chunks(call: GatewayCall) -> AsyncGenerator[Any]:
     """Open a streamed upstream call and yield its response, then its body chunk by chunk.
 
-    The capacity slot is held from before the call is sent until this generator is closed: when
-    the relay ends, the client goes away, or the caller gives up after reading the head.
+    The capacity slot is held until the call is recorded as the relay ends, and at the latest until
+    this generator is closed: the client goes away, or the caller gives up after reading the head.
     """
-    async with limits.capacity(call):
+    with admission.holding(call):
         response = await open_upstream(call.served, call.path, call.body)
         try:
             yield response
@@ -179,9 +170,9 @@ async def stream(
             await on_end(StreamEnd(failure.status, error=failure.message))
         raise  # answered by calls_model
     if raw is not None:
-        await chunks.aclose()
         result = UpstreamResult.of(head.status, transform(raw) if transform else raw, head.content_type)
-        record_call(call, result.status, tokens=result.tokens)
+        record_call(call, result.status, tokens=result.tokens)  # before the slot is let go: sent with it
+        await chunks.aclose()
         if on_end is not None:
             error = error_message(result) if result.status >= 400 else ""
             reply = await on_end(StreamEnd(result.status, parse_json(result.body), result.tokens, error))
@@ -223,8 +214,9 @@ async def stream(
 async def proxy(call: GatewayCall) -> HttpResponseBase:
     if call.stream:
         return await stream(call)
-    result = await call_within_capacity(call)
-    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
+    with admission.holding(call):
+        result = await call_upstream(call.served, call.path, call.body)
+        record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms)
     return HttpResponse(result.body, status=result.status, content_type=result.content_type)
 
 
@@ -248,20 +240,21 @@ async def responses(call: GatewayCall) -> HttpResponseBase:
         return await start_background(call, job_id)
     if call.stream:
         return await stream_response(call, job_id)
-    result = await call_within_capacity(call)
-    payload = with_id(parse_json(result.body), job_id)
-    outcome = {"status": result.status, "body": payload, "tokens": result.tokens}
-    fields = {**call.job_fields(call.requested_alias), **outcome}
-    record = finished_response(**fields)
-    try:
-        # Recorded before the reply, so the id the client receives can be read back at once.
-        await in_thread(record.save, force_insert=True)
-        journaled = None
-    except DATABASE_ERRORS:
-        # The upstream has answered: never throw that away. The journal records it once the database is back.
-        logger.warning("The database is unavailable: response %s waits in the journal", job_id)
-        journaled = fields
-    record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms, job=journaled)
+    with admission.holding(call):
+        result = await call_upstream(call.served, call.path, call.body)
+        payload = with_id(parse_json(result.body), job_id)
+        outcome = {"status": result.status, "body": payload, "tokens": result.tokens}
+        fields = {**call.job_fields(call.requested_alias), **outcome}
+        record = finished_response(**fields)
+        try:
+            # Recorded before the reply, so the id the client receives can be read back at once.
+            await in_thread(record.save, force_insert=True)
+            journaled = None
+        except DATABASE_ERRORS:
+            # The upstream has answered: never throw that away. The journal records it once the database is back.
+            logger.warning("The database is unavailable: response %s waits in the journal", job_id)
+            journaled = fields
+        record_call(call, result.status, tokens=result.tokens, ttfb_ms=result.ttfb_ms, job=journaled)
     if result.status >= 400 or not isinstance(payload, dict):
         return HttpResponse(result.body, status=result.status, content_type=result.content_type)
     return json_response(response_object(record), result.status)
@@ -310,7 +303,7 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
 
 
 async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
-    """Take a capacity slot, record the job, reply 202, and make the call without the client."""
+    """Record the job, reply 202, and make the call without the client, in the call's capacity slot."""
     accepted: asyncio.Future[InferenceRequest] = asyncio.get_running_loop().create_future()
     task = asyncio.get_running_loop().create_task(run_background(call, job_id, accepted))
     _background[job_id] = task
@@ -322,7 +315,7 @@ async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse
 async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio.Future[InferenceRequest]) -> None:
     """The whole background call, inside one capacity slot; `accepted` gets the job, or why there is none."""
     try:
-        async with limits.capacity(call):
+        with admission.holding(call):
             accepted.set_result(
                 await in_thread(
                     create_job,
@@ -349,7 +342,7 @@ async def run_background(call: GatewayCall, job_id: uuid.UUID, accepted: asyncio
             # A job cancelled meanwhile is not charged: its outcome was not stored.
             record_call(call, result.status, tokens=result.tokens if stored else (None, None))
     except Exception as exc:
-        budget.settle(call)
+        admission.finish(call)
         if accepted.done():
             logger.exception("Background call %s failed", job_id)
         else:

@@ -34,6 +34,7 @@ PRICE_IN = Decimal("0.50")
 PRICE_OUT = Decimal("1.50")
 FLEX_IN = Decimal("0.25")
 FLEX_OUT = Decimal("0.75")
+REALTIME_COST = (PRICE_IN * PROMPT_TOKENS + PRICE_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 FLEX_COST = (FLEX_IN * PROMPT_TOKENS + FLEX_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 HELLO = [{"role": "user", "content": "hi"}]
 ROOT = Path(__file__).resolve().parent.parent

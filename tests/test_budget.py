@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -11,7 +12,7 @@ import pytest
 from django.conf import settings
 
 from accounts.models import ApiKey
-from billing.models import Balance
+from billing.models import Balance, price_tokens, to_picos
 from billing.services import create_user
 from gateway import budget
 from gateway.accounting import accountant
@@ -131,6 +132,32 @@ def test_a_reservation_is_the_worst_case_when_bounded(world):
     assert bounded and nanos == budget.to_nanos((PRICE_IN * 101 + PRICE_OUT * 100) / Decimal(1_000_000))
     nanos, bounded = budget.reservation(model, "realtime", {"model": "gpt-test"}, 400)
     assert not bounded and nanos == budget.to_nanos(PRICE_IN * 101 / Decimal(1_000_000))
+
+
+def test_admission_prices_in_integers_exactly_as_the_ledger_does_in_decimal():
+    """The integer estimate rounds like the ledger's Decimal (half to even, to the nano-credit):
+    a rounding of its own (half up, truncation) or a lost price digit fails here."""
+    rng = random.Random(9)
+    prices = [Decimal(0), Decimal("0.000001"), Decimal("0.0005"), Decimal("0.0015"), Decimal("0.5"), Decimal("1.5")]
+    prices += [Decimal(rng.randrange(10**13)).scaleb(-rng.randrange(7)) for _ in range(60)]
+    tokens = [0, 1, 2, 3, 7, 1000, 4096, 128_000, 10**7, *(rng.randrange(10**6) for _ in range(20))]
+    for input_price in prices:
+        for output_price in rng.sample(prices, 8):
+            picos = (to_picos(input_price), to_picos(output_price))
+            for input_tokens in tokens:
+                output_tokens = rng.choice(tokens)
+                exact = price_tokens(input_price, output_price, input_tokens, output_tokens)
+                assert budget.price_nanos(picos, input_tokens, output_tokens) == budget.to_nanos(exact), (
+                    input_price,
+                    output_price,
+                    input_tokens,
+                    output_tokens,
+                )
+
+
+def test_a_price_with_more_than_six_decimals_is_refused_not_rounded():
+    with pytest.raises(ValueError):
+        to_picos(Decimal("0.0000001"))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ produce each body the gateway writes in each of its states, and pin the behaviou
 from __future__ import annotations
 
 import copy
-from decimal import Decimal
 
 import httpx
 import openai
@@ -18,18 +17,15 @@ from tests.conformance import assert_conforms, assert_stream_conforms, conformin
 from tests.conftest import (
     FLEX_COST,
     HELLO,
-    PRICE_IN,
-    PRICE_OUT,
+    REALTIME_COST,
     WorkerThread,
     flex_charges,
     post,
     upstream_calls,
     wait_for,
 )
-from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
-REALTIME_COST = (PRICE_IN * PROMPT_TOKENS + PRICE_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 
 REQUESTED = {
     "instructions": "Answer briefly.",

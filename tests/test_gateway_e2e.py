@@ -10,12 +10,11 @@ import pytest
 
 from billing.models import CreditTransaction
 from gateway.models import InferenceRequest, RequestLog
-from tests.conftest import PRICE_IN, PRICE_OUT, balance_of, wait_for
+from tests.conftest import PRICE_IN, REALTIME_COST, balance_of, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-EXPECTED_COST = (PRICE_IN * PROMPT_TOKENS + PRICE_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 HELLO = [{"role": "user", "content": "hi"}]
 
 
@@ -30,9 +29,9 @@ def test_chat_completion_is_proxied_and_charged_exactly(world, user_with_credits
     assert seen["body"]["model"] == "gpt-upstream"
     assert seen["headers"]["Authorization"] == "Bearer upstream-secret"
     wait_for(lambda: balance_of(user_with_credits) != before)
-    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    assert balance_of(user_with_credits) == before - REALTIME_COST
     row = CreditTransaction.objects.get(kind="usage", user=user_with_credits)
-    assert row.amount == EXPECTED_COST
+    assert row.amount == REALTIME_COST
     log = RequestLog.objects.get(request_id=f"req_{row.source_id}")
     assert (log.status_code, log.input_tokens, log.output_tokens) == (200, PROMPT_TOKENS, COMPLETION_TOKENS)
 
@@ -47,7 +46,7 @@ def test_streamed_chat_is_relayed_and_charged_from_the_usage_chunk(world, user_w
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == "Hello from upstream"
     assert world.upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
     wait_for(lambda: balance_of(user_with_credits) != before)
-    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    assert balance_of(user_with_credits) == before - REALTIME_COST
 
 
 def test_a_streamed_chat_that_asks_for_usage_gets_the_usage_chunk_last(world, user_with_credits, make_key):
@@ -147,14 +146,14 @@ def test_a_streamed_responses_call_is_charged_from_its_completed_event(world, us
 
     job = InferenceRequest.objects.get(pk=events[-1].response.id.removeprefix("resp_"))
     wait_for(lambda: balance_of(user_with_credits) != before)
-    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    assert balance_of(user_with_credits) == before - REALTIME_COST
     wait_for(lambda: InferenceRequest.objects.get(pk=job.pk).cost is not None)
     job.refresh_from_db()
     assert (job.state, job.input_tokens, job.output_tokens, job.cost) == (
         "completed",
         PROMPT_TOKENS,
         COMPLETION_TOKENS,
-        EXPECTED_COST,
+        REALTIME_COST,
     )
 
 
@@ -169,8 +168,8 @@ def test_a_background_responses_call_is_charged_with_its_tokens(world, user_with
     job_id = reply.json()["id"].removeprefix("resp_")
 
     wait_for(lambda: balance_of(user_with_credits) != before)
-    assert balance_of(user_with_credits) == before - EXPECTED_COST
+    assert balance_of(user_with_credits) == before - REALTIME_COST
     job = InferenceRequest.objects.get(pk=job_id)
     assert (job.state, job.input_tokens, job.output_tokens) == ("completed", PROMPT_TOKENS, COMPLETION_TOKENS)
     log = RequestLog.objects.get(request_id=f"req_{job.id.hex}")
-    assert (log.input_tokens, log.output_tokens, log.cost) == (PROMPT_TOKENS, COMPLETION_TOKENS, EXPECTED_COST)
+    assert (log.input_tokens, log.output_tokens, log.cost) == (PROMPT_TOKENS, COMPLETION_TOKENS, REALTIME_COST)

@@ -10,8 +10,9 @@ import pytest
 from django.conf import settings
 
 from gateway.call import Headroom
-from gateway.counters import MemoryCounters, Rate, RedisCounters
+from gateway.counters import Ending, MemoryCounters, Rate
 from gateway.limits import duration
+from gateway.shared_counters import RedisCounters
 from tests.upstream import free_port
 
 T = 1_800_000_000.0  # any instant: the counters read no clock of their own
@@ -122,7 +123,7 @@ async def test_a_call_refused_for_tokens_does_not_spend_a_request(counters):
 
 
 async def test_a_count_from_the_event_loop_lands(counters):
-    counters.count(["key:1"], "a", 100, T)
+    counters.end(Ending(scopes=["key:1"], member="a", tokens=100, now=T))
     if isinstance(counters, RedisCounters):
         await asyncio.gather(*counters._link().pending)
     assert (await counters.check("key:1", None, 100, T)).wait is not None
@@ -172,7 +173,7 @@ async def test_while_redis_is_unreachable_the_limits_hold_per_process():
 
     assert [await passes(away, BURST_OF_3) for _ in range(4)] == [True, True, True, False]
     away.count_now(["key:1"], "a", 100, T)
-    away.count(["key:1"], "b", 100, T)
+    away.end(Ending(scopes=["key:1"], member="b", tokens=100, now=T))
     await asyncio.gather(*away._link().pending)
     assert (await away.check("key:1", None, 200, T)).wait is not None  # both counts, here
     lease = await away.acquire(7, 1)

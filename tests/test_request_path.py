@@ -3,9 +3,6 @@ every tier, and a streamed /responses record that tells the truth whatever the u
 
 from __future__ import annotations
 
-import uuid
-from decimal import Decimal
-
 import httpx
 import openai
 import pytest
@@ -13,12 +10,10 @@ import pytest
 from billing.models import CreditTransaction
 from gateway.models import DeployedModel, InferenceRequest, RequestLog
 from gateway.services import add_endpoint, add_model
-from tests.conftest import FLEX_COST, HELLO, PRICE_IN, PRICE_OUT, WorkerThread, post, wait_for
-from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, free_port
+from tests.conftest import FLEX_COST, HELLO, REALTIME_COST, WorkerThread, post, wait_for
+from tests.upstream import PROMPT_TOKENS, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-REALTIME_COST = (PRICE_IN * PROMPT_TOKENS + PRICE_OUT * COMPLETION_TOKENS) / Decimal(1_000_000)
 
 
 def response_id(reply: httpx.Response) -> str:
@@ -83,18 +78,18 @@ def test_flex_realtime_and_background_calls_of_the_same_usage_cost_what_the_tari
         client.chat.completions.create(model="gpt-test", messages=HELLO, service_tier="flex")
 
     flex_job = InferenceRequest.objects.get(service_tier="flex")
-    records = {
-        "chat": uuid.UUID(response_id(chat).removeprefix("resp_")).hex,
-        "realtime": realtime.id.removeprefix("resp_"),
-        "background": background["id"].removeprefix("resp_"),
-        "flex": flex_job.id.hex,
+    records = {  # by the x-request-id each client saw, as their records hold it
+        "chat": chat.headers["x-request-id"],
+        "realtime": realtime.id.replace("resp_", "req_"),
+        "background": background["id"].replace("resp_", "req_"),
+        "flex": f"req_{flex_job.id.hex}",
     }
     wait_for(lambda: RequestLog.objects.filter(request_id__in=records.values(), cost__isnull=False).count() == 4)
     costs = dict(RequestLog.objects.filter(request_id__in=records.values()).values_list("request_id", "cost"))
     expected = {"chat": REALTIME_COST, "realtime": REALTIME_COST, "background": REALTIME_COST, "flex": FLEX_COST}
     assert {name: costs[request_id] for name, request_id in records.items()} == expected
     # Each recorded call carries its cost too, and the ledger charged each exactly that, once.
-    jobs = {job.id.hex: job.cost for job in InferenceRequest.objects.all()}
+    jobs = {f"req_{job.id.hex}": job.cost for job in InferenceRequest.objects.all()}
     assert [jobs[records[name]] for name in ("realtime", "background", "flex")] == [
         REALTIME_COST,
         REALTIME_COST,
