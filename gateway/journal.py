@@ -87,12 +87,18 @@ class Journal:
             self.appended += 1
 
     def seal(self) -> list[Segment]:
-        """Close the current segment to appends (on disk for good) and return every sealed one."""
+        """Close the current segment to appends (on disk for good) and return every sealed one.
+
+        The `fsync` runs outside the lock: appends (on the event loop) go on into a new segment
+        meanwhile, instead of waiting for the disk."""
         with self.lock:
-            if self.current is not None and self.appended:
-                os.fsync(self.current.fd)
-                self.sealed.append(self.current)
+            closing = self.current if self.appended else None
+            if closing is not None:
+                self.sealed.append(closing)
                 self.current, self.appended = None, 0
+        if closing is not None:
+            os.fsync(closing.fd)
+        with self.lock:
             return list(self.sealed)
 
     def done(self, segment: Segment) -> None:
