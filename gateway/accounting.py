@@ -48,7 +48,7 @@ class CallRecord:
     """One finished upstream call, as every tier reports it for pricing and logging."""
 
     request_id: str
-    user_id: int
+    user_id: int | None  # None: refused before its key was known
     api_key_id: int | None
     model_id: int | None  # None: the model was retired before the call, nothing to price
     model_alias: str
@@ -66,6 +66,9 @@ class CallRecord:
     process: str = PROCESS  # the process that recorded it
     job: dict[str, Any] | None = None  # a /responses record the database could not take when the call ended
     client_request_id: str = ""  # the X-Client-Request-Id the client sent, if any
+    error_code: str = ""  # the code of the OpenAI error it was answered with
+    key_prefix: str = ""  # the first characters of the key it presented
+    client_ip: str | None = None
 
     @classmethod
     def from_line(cls, line: list[Any] | dict[str, Any]) -> CallRecord:
@@ -84,7 +87,12 @@ class CallRecord:
 
     @property
     def billable(self) -> bool:
-        return self.status_code < 400 and self.model_id is not None and self.input_tokens is not None
+        return (
+            self.status_code < 400
+            and self.model_id is not None
+            and self.user_id is not None
+            and self.input_tokens is not None
+        )
 
     @property
     def source_id(self) -> str:
@@ -95,7 +103,7 @@ class CallRecord:
 def journal_line(
     *,
     request_id: str,
-    user_id: int,
+    user_id: int | None,
     api_key_id: int | None,
     model_id: int | None,
     model_alias: str,
@@ -112,6 +120,9 @@ def journal_line(
     committed: int,
     job: dict[str, Any] | None,
     client_request_id: str,
+    error_code: str = "",
+    key_prefix: str = "",
+    client_ip: str | None = None,
 ) -> tuple[Any, ...]:
     """A finished real-time call as its journal line: CallRecord's fields in their order, the start
     as a POSIX time, the job id as hex. A tuple, not a record: built and written on every call."""
@@ -135,6 +146,9 @@ def journal_line(
         PROCESS,
         job,
         client_request_id,
+        error_code,
+        key_prefix,
+        client_ip,
     )
 
 
@@ -169,6 +183,9 @@ LOG_COLUMNS = (
     "cost",
     "usage_estimated",
     "client_request_id",
+    "error_code",
+    "key_prefix",
+    "client_ip",
     "created_at",
 )
 
@@ -186,7 +203,7 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
     charge_usages(
         [
             Usage(
-                user_id=r.user_id,
+                user_id=r.user_id,  # type: ignore[arg-type]  # a billable record has its user
                 source_id=r.source_id,
                 model_alias=r.model_alias,
                 tier=r.tier,
@@ -217,6 +234,9 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
                 costs.get(r.request_id),
                 r.usage_estimated,
                 r.client_request_id,
+                r.error_code,
+                r.key_prefix,
+                r.client_ip,
                 r.started_at,
             )
             for r in records
@@ -274,7 +294,7 @@ class _Accountant:
         records = [CallRecord.from_line(line) for line in segment.lines()]
         if records:
             write_records(records)
-            budget.written((r.user_id, r.committed, r.process) for r in records)
+            budget.written((r.user_id, r.committed, r.process) for r in records if r.user_id is not None)
 
     def flush(self) -> None:
         """Write every sealed segment of this process, oldest first (sync: the flusher, shutdown,

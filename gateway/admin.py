@@ -23,7 +23,6 @@ from gateway.models import (
     InferenceRequest,
     InferenceRequestQuerySet,
     JobState,
-    RequestLog,
 )
 from routing_rules.models import TrafficRule
 
@@ -349,22 +348,4 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
         return queryset.filter(id=job_id), False
 
 
-@admin.register(RequestLog)
-class RequestLogAdmin(ReadOnlyAdmin):
-    list_display = (
-        "created_at",
-        "request_id",
-        "user",
-        "model_alias",
-        "path",
-        "service_tier",
-        "status_code",
-        "latency_ms",
-        "ttfb_ms",
-        "input_tokens",
-        "output_tokens",
-        "cost",
-    )
-    list_select_related = ("user",)
-    list_filter = ("service_tier", "status_code")
-    search_fields = ("=request_id", "user__username", "model_alias")
+from gateway import request_log_admin  # noqa: E402, F401  (registers the request log)

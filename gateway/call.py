@@ -44,6 +44,7 @@ class GatewayCall:
     hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
     client_request_id: str = ""  # what the client sent as X-Client-Request-Id, stored with its record
     slot: tuple[int, str] | None = None  # the capacity slot it holds: (model id, lease)
+    recorded: bool = False  # its record is made where it ends, not by gateway.answers
     relaying: bool = False  # its upstream's stream is being relayed: a client that leaves is not waited for
     # Left by the limit checks for the x-ratelimit-* headers: the tighter of the key's and the model's.
     request_headroom: Headroom | None = None

@@ -190,6 +190,7 @@ async def submit(call: GatewayCall) -> HttpResponseBase:
     background = call.path == "responses" and call.body.get("background") is True
     # The model actually served (after a redirect) is the one the worker calls.
     job = await in_thread(submit_flex_job, **call.job_fields(call.served.alias), background=background)
+    call.recorded = True  # by the worker that runs it
     if background:
         return accepted(job, stream=call.stream)
     return await hold(call, job)

@@ -12,6 +12,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from gateway import admission, errors, flex, limits
+from gateway.answers import record_answer
 from gateway.call import GatewayCall, GatewayRequest, Route, new_request_id
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.errors import Denial, denied, render_denial
@@ -46,30 +47,35 @@ class AsyncMiddleware:
 
 
 class ErrorEnrichmentMiddleware(AsyncMiddleware):
-    """Turn a routing denial (a bare 403 carrying its reason) into the specific OpenAI error.
+    """Turn a routing denial (a bare 403 carrying its reason) into the specific OpenAI error, and
+    put every answer that no model call records on record, as the client got it (gateway.answers).
 
     A 403 that carries no denial — an upstream's own, say — passes through untouched, and so do
     non-/ai/ paths and every other status.
     """
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        started_at = time.time()
         response = await self.get_response(request)
-        if response.status_code != 403 or not request.path.startswith("/ai/"):
+        if not request.path.startswith("/ai/"):
             return response
         denial = getattr(response, "denial", None)
-        if not isinstance(denial, Denial):
-            return response
-        enriched = render_denial(denial)
-        if REQUEST_ID_HEADER in response:
-            enriched[REQUEST_ID_HEADER] = response[REQUEST_ID_HEADER]
-        return enriched
+        if response.status_code == 403 and isinstance(denial, Denial):
+            enriched = render_denial(denial)
+            if REQUEST_ID_HEADER in response:
+                enriched[REQUEST_ID_HEADER] = response[REQUEST_ID_HEADER]
+            response = enriched
+        request_id = getattr(request, "request_id", None)
+        if request_id is not None:
+            record_answer(request, response, request_id, started_at)
+        return response
 
 
 class TierRoutingMiddleware(AsyncMiddleware):
     """Parse, authenticate, authorize, rate-limit and route each API request from the auth snapshot."""
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        request_id = new_request_id()
+        request_id = request.request_id = new_request_id()  # type: ignore[attr-defined]
         try:
             response = await self.route(request, request_id)
         except DATABASE_ERRORS:  # the first snapshot, a flex submission: they need the database

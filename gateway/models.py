@@ -255,6 +255,11 @@ class RequestLog(models.Model):
     client_request_id = models.CharField(
         max_length=512, blank=True, default="", help_text="The X-Client-Request-Id its client sent."
     )
+    error_code = models.CharField(max_length=64, blank=True, default="", help_text="The code of the error it got.")
+    key_prefix = models.CharField(
+        max_length=16, blank=True, default="", help_text="The first characters of the key it presented."
+    )
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey("accounts.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
     model_alias = models.CharField(max_length=200)

@@ -44,6 +44,7 @@ from gateway.upstream import (
 
 logger = logging.getLogger(__name__)
 Tokens = tuple[int | None, int | None]
+CLIENT_CLOSED = 499  # the status a call is recorded with when its client left before any answer
 # Background calls running in this process, kept so they are not garbage-collected mid-flight.
 _background: dict[uuid.UUID, asyncio.Task[None]] = {}
 # Job records being finished after their stream ended, kept for the same reason.
@@ -62,6 +63,7 @@ def record_call(
     """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
     cost replaces its credit reservation, and its slot and tokens go back with it."""
     model = call.served
+    call.recorded = True
     committed = admission.finish(call, tokens, billed=status < 400)
     accountant.add(
         journal_line(
@@ -107,11 +109,14 @@ def calls_model(
             record_call(call, failure.status)
             return errors.openai_error(failure.status, failure.message, code=failure.code)
         except DATABASE_ERRORS:
-            admission.finish(call)
+            record_call(call, 503)  # nothing was served: the slot and the reservation go back
             logger.warning("The database is unavailable: answered 503", exc_info=True)
             return errors.database_unavailable()
+        except asyncio.CancelledError:
+            record_call(call, CLIENT_CLOSED)
+            raise
         except BaseException:
-            admission.finish(call)  # nothing was served: give the slot and the reservation back
+            record_call(call, 500)
             raise
 
     return serve
@@ -202,6 +207,7 @@ async def stream(
         relay_stream(chunks, head.status, ended, transform, drop_usage=drop_usage), content_type=head.content_type
     )
     call.relaying = True  # a client that leaves now is not waited for (gateway.handler)
+    call.recorded = True  # when the relay ends
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
@@ -307,6 +313,7 @@ async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponse
     accepted: asyncio.Future[InferenceRequest] = asyncio.get_running_loop().create_future()
     task = asyncio.get_running_loop().create_task(run_background(call, job_id, accepted))
     _background[job_id] = task
+    call.recorded = True  # by the background call, when it ends
     task.add_done_callback(lambda _: _background.pop(job_id, None))
     # Shielded: a client that goes away must not cancel the future the call reports to.
     return flex.accepted(await asyncio.shield(accepted), stream=call.stream)

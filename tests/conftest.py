@@ -310,3 +310,10 @@ def upstream_calls(world, model: str) -> int:  # type: ignore[no-untyped-def]
 def post(world, secret: str, path: str, body: dict) -> httpx.Response:  # type: ignore[no-untyped-def, type-arg]
     with conforming_client(timeout=30) as client:
         return client.post(f"{world.url}/ai/v1/{path}", json=body, headers={"Authorization": f"Bearer {secret}"})
+
+
+@pytest.fixture
+def staff_client(client, admin_user):  # type: ignore[no-untyped-def]
+    """Django's test client, logged in to the admin as a superuser."""
+    client.force_login(admin_user)
+    return client

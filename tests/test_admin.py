@@ -27,12 +27,6 @@ SECRET_PATTERN = re.compile(r"sk-[A-Za-z0-9_-]{43}")
 
 
 @pytest.fixture
-def staff_client(client: Client, admin_user: User) -> Client:
-    client.force_login(admin_user)
-    return client
-
-
-@pytest.fixture
 def populated(admin_user: User, user_with_credits: User, user_without_credits: User) -> dict[str, Any]:
     """One row of everything, so changelists render their columns, not an empty table."""
     endpoint, _ = add_endpoint("local", "http://127.0.0.1:9/v1", api_key=UPSTREAM_CREDENTIAL)
