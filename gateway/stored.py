@@ -41,15 +41,25 @@ def stored(*methods: str) -> Callable[[StoredView], Callable[..., Coroutine[Any,
     return decorate
 
 
-async def owned_job(request: GatewayRequest, response_id: str) -> InferenceRequest | None:
-    return await in_thread(jobs.find_job, response_id, request.gateway.key.user_id)
+def owned_response(*methods: str) -> Callable[[StoredView], Callable[..., Coroutine[Any, Any, HttpResponseBase]]]:
+    """A view of one of the caller's responses, found by its `resp_` id: anyone else's is a 404."""
+
+    def decorate(view: StoredView) -> Callable[..., Coroutine[Any, Any, HttpResponseBase]]:
+        @stored(*methods)
+        @wraps(view)
+        async def serve(request: GatewayRequest, response_id: str) -> HttpResponseBase:
+            job = await in_thread(jobs.find_job, response_id, request.gateway.key.user_id)
+            if job is None:
+                return errors.response_not_found(response_id)
+            return await view(request, job)
+
+        return serve
+
+    return decorate
 
 
-@stored("GET", "DELETE")
-async def response_detail(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-    job = await owned_job(request, response_id)
-    if job is None:
-        return errors.response_not_found(response_id)
+@owned_response("GET", "DELETE")
+async def response_detail(request: GatewayRequest, job: InferenceRequest) -> HttpResponseBase:
     if request.method == "DELETE":
         await in_thread(jobs.delete_job, job)
         views.stop_background(job.id)
@@ -62,22 +72,16 @@ async def response_detail(request: GatewayRequest, response_id: str) -> HttpResp
     return json_response(response_object(job))
 
 
-@stored("POST")
-async def response_cancel(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-    job = await owned_job(request, response_id)
-    if job is None:
-        return errors.response_not_found(response_id)
+@owned_response("POST")
+async def response_cancel(request: GatewayRequest, job: InferenceRequest) -> HttpResponseBase:
     job = await in_thread(jobs.cancel_job, job)
     if job.state == JobState.CANCELED:
         views.stop_background(job.id)
     return json_response(response_object(job))
 
 
-@stored("GET")
-async def response_input_items(request: GatewayRequest, response_id: str) -> HttpResponseBase:
-    job = await owned_job(request, response_id)
-    if job is None:
-        return errors.response_not_found(response_id)
+@owned_response("GET")
+async def response_input_items(request: GatewayRequest, job: InferenceRequest) -> HttpResponseBase:
     limit = request.GET.get("limit", "20")
     if not limit.isdigit() or not 1 <= int(limit) <= 100:
         return errors.invalid_request("'limit' must be an integer from 1 to 100.", "limit")
