@@ -76,14 +76,7 @@ def populated(admin_user: User, user_with_credits: User, user_without_credits: U
         cost=Decimal("0.002"),
     )
     stored_file = StoredFile.objects.create(
-        owner=user_with_credits,
-        api_key=api_key,
-        filename="requests.jsonl",
-        purpose="batch",
-        bytes=120,
-        storage_name="1/file-admin",
-        line_count=1,
-        request_url="/v1/chat/completions",
+        owner=user_with_credits, filename="notes.txt", purpose="user_data", bytes=120, storage_name="1/file-admin"
     )
     return {"endpoint": endpoint, "model": model, "other": other, "api_key": api_key, "job": job, "file": stored_file}
 
@@ -407,16 +400,12 @@ def test_the_cancel_action_cancels_unfinished_jobs(staff_client: Client, populat
     assert [str(m) for m in get_messages(response.wsgi_request)] == ["Canceled 1 job."]
 
 
-def test_a_job_can_be_found_by_the_id_clients_see(staff_client: Client, populated: dict) -> None:
-    job = populated["job"]
-    response = staff_client.get(reverse("admin:gateway_inferencerequest_changelist"), {"q": job.public_id})
-    assert list(response.context["cl"].result_list) == [job]
-
-
-def test_a_file_can_be_found_by_the_id_clients_see(staff_client: Client, populated: dict) -> None:
-    stored_file = populated["file"]
-    response = staff_client.get(reverse("admin:gateway_storedfile_changelist"), {"q": stored_file.public_id})
-    assert list(response.context["cl"].result_list) == [stored_file]
+@pytest.mark.parametrize(
+    ("admin_name", "record"), [("gateway_inferencerequest", "job"), ("gateway_storedfile", "file")]
+)
+def test_a_record_can_be_found_by_the_id_clients_see(staff_client: Client, populated: dict, admin_name, record) -> None:
+    response = staff_client.get(reverse(f"admin:{admin_name}_changelist"), {"q": populated[record].public_id})
+    assert list(response.context["cl"].result_list) == [populated[record]]
 
 
 def test_the_endpoint_list_shows_only_whether_a_credential_is_set(staff_client: Client, populated: dict) -> None:
