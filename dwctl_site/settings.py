@@ -7,6 +7,7 @@ named at once, with the variable that caused it.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -212,6 +213,31 @@ if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
     GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
 # Django refuses larger bodies itself; the API enforces GATEWAY_MAX_BODY_BYTES with its own 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+
+# --- files (/ai/v1/files, gateway/file_store.py) -----------------------------------------------
+# An upload is spooled to disk as it arrives, up to this size (OpenAI's limit), never held in memory.
+GATEWAY_MAX_FILE_BYTES = env_int("GATEWAY_MAX_FILE_BYTES", 200 * 1024 * 1024)
+# What a `purpose: "batch"` file may hold (OpenAI's limits).
+GATEWAY_BATCH_MAX_BYTES = env_int("GATEWAY_BATCH_MAX_BYTES", 200 * 1024 * 1024)
+GATEWAY_BATCH_MAX_LINES = env_int("GATEWAY_BATCH_MAX_LINES", 50_000)
+# Where uploaded files live: a local directory beside the database by default, or any storage backend
+# (django-storages' S3Storage, say) named by GATEWAY_FILES_STORAGE with its OPTIONS as a JSON object.
+GATEWAY_FILES_DIR = os.environ.get("GATEWAY_FILES_DIR", "") or str(BASE_DIR / "files")
+_files_backend = os.environ.get("GATEWAY_FILES_STORAGE", "") or "django.core.files.storage.FileSystemStorage"
+_files_options: object = {"location": GATEWAY_FILES_DIR}
+if os.environ.get("GATEWAY_FILES_STORAGE_OPTIONS", ""):
+    try:
+        _files_options = json.loads(os.environ["GATEWAY_FILES_STORAGE_OPTIONS"])
+    except ValueError:
+        _files_options = None
+    if not isinstance(_files_options, dict):
+        ENV_ERRORS.append("GATEWAY_FILES_STORAGE_OPTIONS is not a JSON object.")
+        _files_options = {"location": GATEWAY_FILES_DIR}
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "files": {"BACKEND": _files_backend, "OPTIONS": _files_options},
+}
 
 # --- server (dwctl_site/server.py) -------------------------------------------------------------
 # What one client may hold of a gateway process. A larger request head gets a 431; a head not

@@ -23,6 +23,7 @@ from gateway.models import (
     InferenceRequest,
     InferenceRequestQuerySet,
     JobState,
+    StoredFile,
 )
 from routing_rules.models import TrafficRule
 
@@ -346,6 +347,23 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
         except ValueError:
             return super().get_search_results(request, queryset, search_term)
         return queryset.filter(id=job_id), False
+
+
+@admin.register(StoredFile)
+class StoredFileAdmin(ReadOnlyAdmin):
+    list_display = ("public_id", "owner", "filename", "purpose", "bytes", "line_count", "created_at", "expires_at")
+    list_select_related = ("owner",)
+    list_filter = ("purpose",)
+    search_fields = ("owner__username", "filename")
+    readonly_fields = ("public_id",)
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[StoredFile], search_term: str) -> Any:
+        # Operators paste the id clients see: `file-<hex>` (or the bare uuid).
+        try:
+            file_id = uuid.UUID(search_term.strip().removeprefix("file-"))
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)
+        return queryset.filter(id=file_id), False
 
 
 from gateway import request_log_admin  # noqa: E402, F401  (registers the request log)

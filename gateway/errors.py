@@ -40,6 +40,7 @@ DEADLINE_MESSAGE = "The flex request did not finish before its deadline."
 MODEL_RETIRED_MESSAGE = "The model of this request is no longer available."
 GATEWAY_STOPPED_MESSAGE = "The gateway process serving this request stopped before it finished. Please retry."
 CLIENT_GONE_MESSAGE = "The client disconnected."
+FILE_TOO_LARGE_MESSAGE = "The file is larger than the limit of {limit} bytes."
 # Answers of the server itself (dwctl_site/server.py), to a client cut off before its request is read.
 HEADERS_TOO_LARGE_MESSAGE = "The request headers are larger than the limit of {limit} bytes."
 HEADERS_TIMEOUT_MESSAGE = "The request headers did not arrive within {seconds} seconds."
@@ -143,6 +144,18 @@ def database_unavailable() -> HttpResponse:
 
 def response_not_found(response_id: str) -> HttpResponse:
     return openai_error(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+
+
+def file_not_found(file_id: str) -> HttpResponse:
+    return openai_error(404, f"No such File object: {file_id}", param="file_id", code="not_found")
+
+
+def file_too_large(limit: int) -> HttpResponse:
+    return openai_error(413, FILE_TOO_LARGE_MESSAGE.format(limit=limit), code="file_too_large")
+
+
+def invalid_file(message: str, param: str) -> HttpResponse:
+    return openai_error(400, message, param=param, code="invalid_file")
 
 
 def previous_response_not_found(response_id: str) -> HttpResponse:

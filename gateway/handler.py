@@ -7,7 +7,8 @@ context (two threads started per request) — most of its per-request cost, meas
 database manages its own connections in worker threads. So this handler:
 
 - runs only ``GATEWAY_MIDDLEWARE`` (the two async gateway middlewares);
-- reads the body into memory with the size limit enforced while reading (413 early);
+- reads the body into memory with the size limit enforced while reading (413 early) — except a
+  file upload's, spooled to a temporary file under its own limit (``GATEWAY_MAX_FILE_BYTES``);
 - sends no request signals and closes the response on the event loop.
 
 It keeps Django's disconnect handling: a client that goes away cancels the view — except that a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import tempfile
 from typing import Any
 
 from django.conf import settings
@@ -30,7 +32,7 @@ from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
 from gateway.call import new_request_id
-from gateway.errors import error_body
+from gateway.errors import FILE_TOO_LARGE_MESSAGE, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,20 @@ GATEWAY_MIDDLEWARE = [
 ]
 
 
+UPLOAD_PATH = "/ai/v1/files"
+# What a multipart form adds around its file (boundaries, part headers, the purpose field): the file
+# itself is held to GATEWAY_MAX_FILE_BYTES exactly by gateway/files.py.
+MULTIPART_FRAMING_BYTES = 64 * 1024
+# An upload stays in memory only this far, then goes on to disk.
+UPLOAD_SPOOL_MEMORY_BYTES = 256 * 1024
+
+
 class BodyTooLarge(Exception):
     pass
+
+
+def is_upload(scope) -> bool:  # type: ignore[no-untyped-def]
+    return scope["method"] == "POST" and scope["path"] == UPLOAD_PATH
 
 
 class GatewayHandler(ASGIHandler):
@@ -72,15 +86,47 @@ class GatewayHandler(ASGIHandler):
             if not message.get("more_body", False):
                 return io.BytesIO(b"".join(chunks))
 
-    async def handle(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    async def spool_limited_body(self, receive) -> tempfile.SpooledTemporaryFile[bytes]:  # type: ignore[no-untyped-def]
+        limit = settings.GATEWAY_MAX_FILE_BYTES + MULTIPART_FRAMING_BYTES
+        body_file = tempfile.SpooledTemporaryFile(max_size=UPLOAD_SPOOL_MEMORY_BYTES)  # noqa: SIM115 (the caller closes it)
+        size = 0
         try:
-            body_file = await self.read_limited_body(receive)
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise RequestAborted()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge()
+                body_file.write(chunk)
+                if not message.get("more_body", False):
+                    body_file.seek(0)
+                    return body_file
+        except BaseException:
+            body_file.close()
+            raise
+
+    async def handle(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        upload = is_upload(scope)
+        try:
+            body_file = await (self.spool_limited_body(receive) if upload else self.read_limited_body(receive))
         except RequestAborted:
             return
         except BodyTooLarge:
-            message = f"The request body is larger than the limit of {settings.GATEWAY_MAX_BODY_BYTES} bytes."
-            await send_json(send, 413, error_body(413, message, code="request_too_large"))
+            if upload:
+                message = FILE_TOO_LARGE_MESSAGE.format(limit=settings.GATEWAY_MAX_FILE_BYTES)
+                await send_json(send, 413, error_body(413, message, code="file_too_large"))
+            else:
+                message = f"The request body is larger than the limit of {settings.GATEWAY_MAX_BODY_BYTES} bytes."
+                await send_json(send, 413, error_body(413, message, code="request_too_large"))
             return
+        try:
+            await self.serve(scope, receive, send, body_file)
+        finally:
+            body_file.close()  # an upload's temporary file goes now, not when it is collected
+
+    async def serve(self, scope, receive, send, body_file) -> None:  # type: ignore[no-untyped-def]
         set_script_prefix(scope.get("root_path", "") or "/")
         request, error_response = self.create_request(scope, body_file)
         if request is None:

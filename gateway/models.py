@@ -284,6 +284,64 @@ class RequestLog(models.Model):
         return f"{self.request_id} {self.status_code}"
 
 
+class FilePurpose(models.TextChoices):
+    ASSISTANTS = "assistants", "Assistants"
+    BATCH = "batch", "Batch input"
+    BATCH_OUTPUT = "batch_output", "Batch output"  # written by the gateway: a batch's output and error files
+    EVALS = "evals", "Evals"
+    FINE_TUNE = "fine-tune", "Fine-tune"
+    USER_DATA = "user_data", "User data"
+    VISION = "vision", "Vision"
+
+
+# What a client may upload; the others are the gateway's own.
+UPLOAD_PURPOSES = tuple(sorted(p.value for p in FilePurpose if p != FilePurpose.BATCH_OUTPUT))
+
+
+class StoredFileQuerySet(models.QuerySet["StoredFile"]):
+    def visible_to(self, owner_id: int, now=None) -> StoredFileQuerySet:  # type: ignore[no-untyped-def]
+        """The owner's files that have not expired."""
+        unexpired = Q(expires_at__isnull=True) | Q(expires_at__gt=now or timezone.now())
+        return self.filter(unexpired, owner_id=owner_id)
+
+
+class StoredFile(models.Model):
+    """An OpenAI File: its bytes in the `files` storage (settings.STORAGES), what is known of them here."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="files")
+    api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=20, choices=FilePurpose.choices)
+    bytes = models.PositiveBigIntegerField()
+    storage_name = models.CharField(max_length=500, unique=True, help_text="Its name in the files storage.")
+    # A batch input file, validated at upload: its number of requests and the url they all call.
+    line_count = models.PositiveIntegerField(null=True, blank=True)
+    request_url = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    objects = StoredFileQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "file"
+        indexes = [models.Index(fields=["owner", "created_at"], name="file_owner_time")]
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(purpose="batch") | Q(line_count__isnull=False, request_url__gt=""),
+                name="file_batch_input_validated",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+    @property
+    def public_id(self) -> str:
+        return f"file-{self.id.hex}"
+
+
 class SnapshotVersion(models.Model):
     """One row whose token changes whenever data behind the auth snapshot changes.
 

@@ -9,11 +9,28 @@ from django.http import HttpResponse
 
 from gateway.errors import DEADLINE_MESSAGE, openai_error
 from gateway.jobs import as_items
-from gateway.models import InferenceRequest, JobState
+from gateway.models import InferenceRequest, JobState, StoredFile
 
 
 def json_response(payload: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json")
+
+
+def file_object(stored: StoredFile) -> dict[str, Any]:
+    """An OpenAI File object. `status` is always "processed": a file is validated before it is stored.
+    `expires_at` only when set (OpenAI's description types it as an integer, never null)."""
+    body: dict[str, Any] = {
+        "id": stored.public_id,
+        "object": "file",
+        "bytes": stored.bytes,
+        "created_at": int(stored.created_at.timestamp()),
+        "filename": stored.filename,
+        "purpose": stored.purpose,
+        "status": "processed",
+    }
+    if stored.expires_at is not None:
+        body["expires_at"] = int(stored.expires_at.timestamp())
+    return body
 
 
 # OpenAI's ResponseErrorCode is a closed list: an upstream's own code passes only if it is on it.

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from gateway import stored, views
+from gateway import files, stored, views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="chat-completions"),
@@ -9,6 +9,9 @@ urlpatterns = [
     path("responses/<str:response_id>", stored.response_detail, name="response-detail"),
     path("responses/<str:response_id>/cancel", stored.response_cancel, name="response-cancel"),
     path("responses/<str:response_id>/input_items", stored.response_input_items, name="response-input-items"),
+    path("files", files.files, name="files"),
+    path("files/<str:file_id>", files.file_detail, name="file-detail"),
+    path("files/<str:file_id>/content", files.file_content, name="file-content"),
     path("models", stored.models, name="models"),
     path("models/<path:alias>", stored.model_detail, name="model-detail"),
 ]

@@ -34,6 +34,11 @@ SCHEMAS: list[tuple[str, re.Pattern[str], str | None]] = [
     ("POST", re.compile(r"responses/[^/]+/cancel"), "Response"),
     ("DELETE", re.compile(r"responses/[^/]+"), None),
     ("GET", re.compile(r"responses/[^/]+/input_items"), "ResponseItemList"),
+    ("POST", re.compile(r"files"), "OpenAIFile"),
+    ("GET", re.compile(r"files"), "ListFilesResponse"),
+    ("GET", re.compile(r"files/[^/]+"), "OpenAIFile"),
+    ("DELETE", re.compile(r"files/[^/]+"), "DeleteFileResponse"),
+    ("GET", re.compile(r"files/[^/]+/content"), None),  # the file's own bytes, never JSON of ours
     ("GET", re.compile(r"models"), "ListModelsResponse"),
     ("GET", re.compile(r"models/.+"), "Model"),
 ]

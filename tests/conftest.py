@@ -52,6 +52,18 @@ def own_journal(tmp_path_factory) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def own_files(tmp_path_factory) -> Iterator[Path]:
+    """A files directory for this test run, which the gateway processes it starts share."""
+    from django.test import override_settings
+
+    directory = tmp_path_factory.mktemp("files")
+    os.environ["GATEWAY_FILES_DIR"] = str(directory)
+    files = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(directory)}}
+    with override_settings(STORAGES={**settings.STORAGES, "files": files}):
+        yield directory
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fresh_redis_state() -> None:
     """Credit accounts and limit counters in Redis are keyed by ids: a test database made again reuses them."""
     from django.conf import settings

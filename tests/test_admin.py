@@ -18,7 +18,7 @@ from accounts.models import AccessGroup, ApiKey, User
 from accounts.services import create_api_key
 from billing.models import Balance, CreditTransaction, Tariff, TransactionKind
 from billing.services import Usage, charge_usage
-from gateway.models import DeployedModel, Endpoint, InferenceRequest, JobState, RequestLog
+from gateway.models import DeployedModel, Endpoint, InferenceRequest, JobState, RequestLog, StoredFile
 from gateway.services import add_endpoint, add_model
 from routing_rules.services import add_traffic_rule
 
@@ -69,7 +69,10 @@ def populated(admin_user: User, user_with_credits: User, user_without_credits: U
         output_tokens=500,
         cost=Decimal("0.002"),
     )
-    return {"endpoint": endpoint, "model": model, "other": other, "api_key": api_key, "job": job}
+    stored_file = StoredFile.objects.create(
+        owner=user_with_credits, filename="notes.txt", purpose="user_data", bytes=120, storage_name="1/file-admin"
+    )
+    return {"endpoint": endpoint, "model": model, "other": other, "api_key": api_key, "job": job, "file": stored_file}
 
 
 def form_data(response: Any) -> dict[str, Any]:
@@ -371,6 +374,7 @@ def test_history_tables_are_read_only(staff_client: Client, populated: dict) -> 
         ("billing_credittransaction", entry.pk),
         ("gateway_inferencerequest", populated["job"].pk),
         ("gateway_requestlog", RequestLog.objects.get().pk),
+        ("gateway_storedfile", populated["file"].pk),
     ):
         assert staff_client.get(reverse(f"admin:{name}_add")).status_code == 403, name
         assert staff_client.get(reverse(f"admin:{name}_delete", args=[pk])).status_code == 403, name
@@ -390,10 +394,12 @@ def test_the_cancel_action_cancels_unfinished_jobs(staff_client: Client, populat
     assert [str(m) for m in get_messages(response.wsgi_request)] == ["Canceled 1 job."]
 
 
-def test_a_job_can_be_found_by_the_id_clients_see(staff_client: Client, populated: dict) -> None:
-    job = populated["job"]
-    response = staff_client.get(reverse("admin:gateway_inferencerequest_changelist"), {"q": job.public_id})
-    assert list(response.context["cl"].result_list) == [job]
+@pytest.mark.parametrize(
+    ("admin_name", "record"), [("gateway_inferencerequest", "job"), ("gateway_storedfile", "file")]
+)
+def test_a_record_can_be_found_by_the_id_clients_see(staff_client: Client, populated: dict, admin_name, record) -> None:
+    response = staff_client.get(reverse(f"admin:{admin_name}_changelist"), {"q": populated[record].public_id})
+    assert list(response.context["cl"].result_list) == [populated[record]]
 
 
 def test_the_endpoint_list_shows_only_whether_a_credential_is_set(staff_client: Client, populated: dict) -> None:

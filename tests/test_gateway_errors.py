@@ -245,6 +245,6 @@ def test_model_capacity_is_429_while_full(world, user_with_credits, make_key):
 
 
 def test_unknown_api_path_is_an_openai_404(world, user_with_credits, make_key):
-    reply = post(world, "files", make_key(user_with_credits), json={})
+    reply = post(world, "fine_tuning/jobs", make_key(user_with_credits), json={})
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "unknown_url"

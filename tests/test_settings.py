@@ -36,6 +36,10 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ({"GATEWAY_ENCRYPTION_KEYS": "not-a-fernet-key"}, "GATEWAY_ENCRYPTION_KEYS"),
         ({"GATEWAY_ENCRYPTION_KEYS": " , "}, "GATEWAY_ENCRYPTION_KEYS"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"GATEWAY_MAX_FILE_BYTES": "0"}, "GATEWAY_MAX_FILE_BYTES"),
+        ({"GATEWAY_BATCH_MAX_LINES": "many"}, "GATEWAY_BATCH_MAX_LINES"),
+        ({"GATEWAY_FILES_STORAGE_OPTIONS": "bucket=files"}, "GATEWAY_FILES_STORAGE_OPTIONS"),
+        ({"GATEWAY_FILES_STORAGE_OPTIONS": "[1]"}, "GATEWAY_FILES_STORAGE_OPTIONS"),
     ],
 )
 def test_a_bad_variable_fails_the_checks_naming_it(env, named):
