@@ -268,6 +268,22 @@ def test_the_endpoint_change_page_never_renders_the_stored_credential(staff_clie
     assert endpoint.api_key_encrypted == ""
 
 
+def test_an_endpoint_set_to_translate_in_the_admin_reaches_the_auth_snapshot(
+    staff_client: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    from gateway.snapshot import get_snapshot
+
+    endpoint, _ = add_endpoint("local", "http://127.0.0.1:9/v1")
+    add_model("chat-model", endpoint=endpoint, public=True)
+    assert get_snapshot().models["chat-model"].endpoint.translates_responses is False
+    url = reverse("admin:gateway_endpoint_change", args=[endpoint.pk])
+    data = form_data(staff_client.get(url))
+    data["responses_api"] = "translate"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert staff_client.post(url, data).status_code == 302
+    assert get_snapshot().models["chat-model"].endpoint.translates_responses is True
+
+
 def test_everyones_delete_page_is_refused(staff_client: Client) -> None:
     everyone = AccessGroup.objects.everyone()
     response = staff_client.get(reverse("admin:accounts_accessgroup_delete", args=[everyone.pk]))
