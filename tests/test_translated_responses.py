@@ -8,12 +8,14 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
+from django.test import override_settings
 
 from billing.models import CreditTransaction
-from gateway.models import RequestLog
+from gateway.models import InferenceRequest, RequestLog
 from gateway.services import add_endpoint, add_model
 from tests.conformance import assert_stream_conforms
 from tests.conftest import (
@@ -44,7 +46,7 @@ WEATHER = {
 def chat_only(world):  # type: ignore[no-untyped-def]
     """The fake upstream as an endpoint set to translate, with a paid model and failure models."""
     endpoint, _ = add_endpoint(
-        "chat-only", world.upstream.base_url, api_key="upstream-secret", timeout_seconds=3, responses_api="translate"
+        "chat-only", world.upstream.base_url, api_key="upstream-secret", timeout_seconds=30, responses_api="translate"
     )
     prices = {
         "input_price": PRICE_IN,
@@ -53,7 +55,7 @@ def chat_only(world):  # type: ignore[no-untyped-def]
         "flex_output_price": FLEX_OUT,
     }
     add_model("chat-test", endpoint=endpoint, upstream_model="gpt-upstream", groups=["research"], **prices)
-    for behaviour in ("length", "fail-500", "fail-400"):
+    for behaviour in ("length", "fail-500", "fail-400", "long-stream"):
         add_model(f"chat-{behaviour}", endpoint=endpoint, upstream_model=behaviour, groups=["research"], **prices)
     return world
 
@@ -152,6 +154,45 @@ def test_a_translated_stream_is_the_responses_event_sequence_and_is_billed_once(
     fetched = client.responses.retrieve(ours)  # on record before the last event went out
     assert (fetched.status, fetched.output_text) == ("completed", HELLO_TEXT)
     assert cost_of(ours) == REALTIME_COST
+
+
+def leave_after(world, secret: str, model: str, events: int) -> str:  # type: ignore[no-untyped-def]
+    """Read `events` events of a streamed response, then hang up; returns the response's id."""
+    request = {"model": model, "input": "hi", "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+    with httpx.stream("POST", f"{world.url}/ai/v1/responses", json=request, headers=headers) as reply:
+        seen = b""
+        for chunk in reply.iter_raw():
+            seen += chunk
+            if seen.count(b"\n\n") >= events:
+                break
+    return "resp_" + reply.headers["x-request-id"].removeprefix("req_")
+
+
+def test_a_client_that_leaves_a_translated_stream_is_billed_the_upstreams_usage(chat_only, user_with_credits, make_key):
+    ours = leave_after(chat_only, make_key(user_with_credits), "chat-long-stream", 3)
+
+    # The gateway read the chat stream on (6 s more) to its usage chunk, and finished the record.
+    log = wait_for(lambda: RequestLog.objects.filter(request_id=ours.replace("resp_", "req_")).first(), timeout=20)
+    assert (log.input_tokens, log.output_tokens, log.usage_estimated) == (PROMPT_TOKENS, COMPLETION_TOKENS, False)
+    assert cost_of(ours) == REALTIME_COST
+    record = wait_for(lambda: InferenceRequest.objects.filter(state="completed").first())
+    assert record.response_body["output"][0]["content"][0]["text"] == HELLO_TEXT * 20
+
+
+@override_settings(GATEWAY_STREAM_DRAIN_SECONDS=0)
+def test_a_translated_stream_cut_before_its_usage_is_billed_the_gateways_own_count(
+    chat_only, user_with_credits, make_key
+):
+    chat_only.upstream.stream_closed.clear()
+    ours = leave_after(chat_only, make_key(user_with_credits), "chat-long-stream", 5)
+
+    wait_for(chat_only.upstream.stream_closed.is_set, timeout=5)  # not waited for: the upstream was hung up on
+    log = wait_for(lambda: RequestLog.objects.filter(request_id=ours.replace("resp_", "req_")).first())
+    assert log.usage_estimated and log.input_tokens > 0 and log.output_tokens >= 2
+    assert cost_of(ours) == log.cost > 0
+    failed = wait_for(lambda: InferenceRequest.objects.filter(state="failed").first())
+    assert failed.error  # the stream was cut: never shown as completed
 
 
 def test_the_sdks_stream_helper_yields_the_final_response_of_a_translated_stream(
