@@ -59,6 +59,7 @@ class EndpointForm(forms.ModelForm):
             "auth_prefix",
             "timeout_seconds",
             "connect_timeout_seconds",
+            "responses_api",
         )
 
     def save(self, commit: bool = True) -> Endpoint:
@@ -73,7 +74,17 @@ class EndpointForm(forms.ModelForm):
 @admin.register(Endpoint)
 class EndpointAdmin(admin.ModelAdmin):
     form = EndpointForm
-    list_display = ("name", "base_url", "has_credential", "auth_header", "timeout_seconds", "model_count", "updated_at")
+    list_display = (
+        "name",
+        "base_url",
+        "has_credential",
+        "auth_header",
+        "timeout_seconds",
+        "responses_api",
+        "model_count",
+        "updated_at",
+    )
+    list_filter = ("responses_api",)
     search_fields = ("name", "base_url")
     readonly_fields = ("created_at", "updated_at")
 

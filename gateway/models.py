@@ -28,6 +28,13 @@ class UnreadableCredentials(ValueError):
         )
 
 
+class ResponsesApi(models.TextChoices):
+    """How an endpoint serves /v1/responses: its own Responses API, or chat completions translated both ways."""
+
+    NATIVE = "native", "Native"
+    TRANSLATE = "translate", "Translate to chat completions"
+
+
 class Endpoint(models.Model):
     """An upstream OpenAI-compatible server."""
 
@@ -43,6 +50,14 @@ class Endpoint(models.Model):
     auth_prefix = models.CharField(max_length=50, default="Bearer ", blank=True)
     timeout_seconds = models.PositiveIntegerField(default=600, help_text="Whole upstream call, in seconds.")
     connect_timeout_seconds = models.PositiveIntegerField(default=10)
+    responses_api = models.CharField(
+        "Responses API",
+        max_length=20,
+        choices=ResponsesApi.choices,
+        default=ResponsesApi.NATIVE,
+        help_text="Translate: /v1/responses is served by the upstream's /chat/completions (for servers "
+        "that speak chat completions only).",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 

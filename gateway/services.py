@@ -16,7 +16,7 @@ from accounts.services import ensure_groups
 from billing.models import Tier
 from billing.services import set_tariff
 from common.limits import save_validated
-from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, decrypt_credentials
+from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, ResponsesApi, decrypt_credentials
 
 
 @transaction.atomic
@@ -26,6 +26,7 @@ def add_endpoint(
     *,
     api_key: str | None = None,
     timeout_seconds: int | None = None,
+    responses_api: str | None = None,
 ) -> tuple[Endpoint, bool]:
     """Create an endpoint, or update the one with this name. Returns it and whether it was created."""
     if not name.strip():
@@ -33,12 +34,16 @@ def add_endpoint(
     URLValidator(schemes=["http", "https"])(base_url)
     if timeout_seconds is not None and timeout_seconds <= 0:
         raise ValidationError(f"The timeout must be a positive number of seconds, not {timeout_seconds}.")
+    if responses_api is not None and responses_api not in ResponsesApi.values:
+        raise ValidationError(f"Unknown Responses API '{responses_api}': use one of {', '.join(ResponsesApi.values)}.")
     endpoint, created = Endpoint.objects.get_or_create(name=name, defaults={"base_url": base_url})
     endpoint.base_url = base_url.rstrip("/")
     if api_key is not None:
         endpoint.set_credential(api_key)
     if timeout_seconds is not None:
         endpoint.timeout_seconds = timeout_seconds
+    if responses_api is not None:
+        endpoint.responses_api = responses_api
     endpoint.save()
     return endpoint, created
 

@@ -23,7 +23,7 @@ from accounts.models import AccessGroup, ApiKey
 from billing.models import Tariff, to_picos
 from billing.services import paid_tiers, prices_at
 from gateway.db import in_thread
-from gateway.models import DeployedModel, SnapshotVersion, decrypt_credentials
+from gateway.models import DeployedModel, ResponsesApi, SnapshotVersion, decrypt_credentials
 from routing_rules.models import RuleAction, TrafficRule
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class EndpointEntry:
     auth_headers: dict[str, str]
     timeout_seconds: float
     connect_timeout_seconds: float
+    translates_responses: bool = False  # /v1/responses served by its /chat/completions (gateway.translate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +163,7 @@ def build_snapshot() -> Snapshot:
                 auth_headers=auth_headers,
                 timeout_seconds=float(endpoint.timeout_seconds),
                 connect_timeout_seconds=float(endpoint.connect_timeout_seconds),
+                translates_responses=endpoint.responses_api == ResponsesApi.TRANSLATE,
             ),
             group_ids=frozenset(groups - {everyone.id}),
             public=everyone.id in groups,

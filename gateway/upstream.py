@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from gateway import clients
+from gateway import clients, translate
 from gateway.errors import UPSTREAM_TIMEOUT_MESSAGE, UPSTREAM_UNREACHABLE_MESSAGE
 from gateway.snapshot import ModelEntry
 
@@ -23,9 +24,18 @@ def unstreamed(body: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in body.items() if name not in ("stream", "stream_options")}
 
 
+def translates(model: ModelEntry, path: str) -> bool:
+    """Whether this call is a /responses call its endpoint serves with chat completions (gateway.translate)."""
+    return path == "responses" and model.endpoint.translates_responses
+
+
 def upstream_request(model: ModelEntry, path: str, body: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
-    """Return url, body and headers for the upstream: its model name, its credential, usage on streams."""
-    forwarded = {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}
+    """Return url, body and headers for the upstream: its model name, its credential, usage on streams;
+    a translated /responses call as the chat completions call that asks the same."""
+    if translates(model, path):
+        path, forwarded = "chat/completions", translate.chat_request(body)
+    else:
+        forwarded = {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}
     forwarded["model"] = model.upstream_model
     if path == "chat/completions" and forwarded.get("stream") is True:
         forwarded["stream_options"] = {**(forwarded.get("stream_options") or {}), "include_usage": True}
@@ -100,8 +110,19 @@ async def call_upstream(model: ModelEntry, path: str, body: dict[str, Any]) -> U
     started = time.perf_counter()
     response = await open_upstream(model, path, body)
     ttfb_ms = (time.perf_counter() - started) * 1000
-    raw = await response.read()
+    raw = answer_body(model, path, response.status, await response.read())
     return UpstreamResult.of(response.status, raw, response.content_type, ttfb_ms)
+
+
+def answer_body(model: ModelEntry, path: str, status: int, raw: bytes) -> bytes:
+    """An upstream's whole answer as the client's API has it: a translated call's chat completion
+    becomes the Responses-shaped body of the same answer (an error passes as it is: same envelope)."""
+    if status >= 400 or not translates(model, path):
+        return raw
+    completion = parse_json(raw)
+    if not isinstance(completion, dict):
+        return raw
+    return orjson.dumps(translate.responses_body(completion, uuid.uuid4().hex))
 
 
 # --- failures: the one mapping from a failed call to what the client and the record say -----------

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.utils import timezone
 
 from gateway import admission, budget, clients, errors, flex
 from gateway.accounting import accountant, journal_line
@@ -29,9 +30,11 @@ from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
 from gateway.models import InferenceRequest, JobState
 from gateway.render import include_usage, json_response, response_object
+from gateway.translate import ResponsesStream, translated_stream
 from gateway.upstream import (
     SSEUsage,
     UpstreamResult,
+    answer_body,
     call_upstream,
     error_message,
     failure_of,
@@ -39,6 +42,7 @@ from gateway.upstream import (
     open_upstream,
     parse_json,
     relay_stream,
+    translates,
     unstreamed,
 )
 
@@ -157,12 +161,15 @@ async def stream(
     transform: Callable[[bytes], bytes] | None = None,
     final: Callable[[SSEUsage], Any] | None = None,
     on_end: Callable[[StreamEnd], Coroutine[Any, Any, HttpResponseBase | None]] | None = None,
+    translator: ResponsesStream | None = None,
 ) -> HttpResponseBase:
     """Serve a `stream: true` call: relay the upstream's event stream, or pass on what it answered instead.
 
     `on_end` hears how the call ended, once: awaited before replying when the upstream failed or
     answered without a stream (and what it returns, if anything, is the reply then), run as a task
-    when a relayed stream ends. `final` picks the final body out of a relayed stream.
+    when a relayed stream ends. `final` picks the final body out of a relayed stream. With a
+    `translator`, the relayed stream is the chat upstream's, converted to the Responses API's events
+    before anything watches it: its end is reported and billed as any relayed stream's.
     """
     chunks = upstream_chunks(call)
     try:
@@ -175,6 +182,7 @@ async def stream(
             await on_end(StreamEnd(failure.status, error=failure.message))
         raise  # answered by calls_model
     if raw is not None:
+        raw = answer_body(call.served, call.path, head.status, raw)
         result = UpstreamResult.of(head.status, transform(raw) if transform else raw, head.content_type)
         record_call(call, result.status, tokens=result.tokens)  # before the slot is let go: sent with it
         await chunks.aclose()
@@ -203,8 +211,9 @@ async def stream(
 
     # The gateway always asks a chat upstream for usage (to bill from); the client gets it if it asked.
     drop_usage = call.path == "chat/completions" and not include_usage(call.body)
+    events = chunks if translator is None else translated_stream(chunks, translator)
     response = StreamingHttpResponse(
-        relay_stream(chunks, head.status, ended, transform, drop_usage=drop_usage), content_type=head.content_type
+        relay_stream(events, head.status, ended, transform, drop_usage=drop_usage), content_type=head.content_type
     )
     call.relaying = True  # a client that leaves now is not waited for (gateway.handler)
     call.recorded = True  # when the relay ends
@@ -272,9 +281,19 @@ UPSTREAM_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:
     """Relay a streamed /responses call, showing the client our id in place of the upstream's, and
     the alias it asked for in place of the upstream's model name."""
-    await in_thread(
+    job = await in_thread(
         create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=GATEWAY_PROCESS
     )
+
+    async def finish(end: StreamEnd) -> HttpResponseBase | None:
+        body = with_id(end.body, job_id) if end.status < 400 else end.body
+        await in_thread(finish_job, job_id, status=end.status, body=body, tokens=end.tokens, error=end.error)
+        if end.status >= 400 or not isinstance(body, dict):
+            return None
+        return json_response(response_object(await in_thread(InferenceRequest.objects.get, pk=job_id)), end.status)
+
+    if translates(call.served, call.path):
+        return await stream_translated(call, job, finish)
     ours = f"resp_{job_id.hex}".encode()
     seen: list[bytes] = []
     alias = orjson.dumps(call.body.get("model"))
@@ -298,14 +317,24 @@ async def stream_response(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseB
         event = usage.data()
         return event.get("response") if isinstance(event, dict) else None
 
-    async def finish(end: StreamEnd) -> HttpResponseBase | None:
-        body = with_id(end.body, job_id) if end.status < 400 else end.body
-        await in_thread(finish_job, job_id, status=end.status, body=body, tokens=end.tokens, error=end.error)
-        if end.status >= 400 or not isinstance(body, dict):
-            return None
-        return json_response(response_object(await in_thread(InferenceRequest.objects.get, pk=job_id)), end.status)
-
     return await stream(call, transform=transform, final=final, on_end=finish)
+
+
+async def stream_translated(
+    call: GatewayCall,
+    job: InferenceRequest,
+    finish: Callable[[StreamEnd], Coroutine[Any, Any, HttpResponseBase | None]],
+) -> HttpResponseBase:
+    """Stream a /responses call from a chat upstream: its chunks as the Responses API's events, every
+    response in them rendered by the one builder (gateway.render.response_object)."""
+
+    def completed(body: dict[str, Any]) -> dict[str, Any]:
+        # The finished response as GET will show it; the record itself is written by `finish`.
+        job.state, job.response_body, job.completed_at = JobState.COMPLETED, body, timezone.now()
+        return response_object(job)
+
+    translator = ResponsesStream(response_object(job), job.id.hex, completed)
+    return await stream(call, final=lambda _: translator.body, on_end=finish, translator=translator)
 
 
 async def start_background(call: GatewayCall, job_id: uuid.UUID) -> HttpResponseBase:

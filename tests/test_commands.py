@@ -64,6 +64,15 @@ def test_add_endpoint_creates_then_updates_by_name(db) -> None:
     )
 
 
+def test_add_endpoint_sets_how_responses_are_served_and_keeps_it_when_not_given(db) -> None:
+    lines = run("add_endpoint", "local", "http://127.0.0.1:9/v1")
+    assert Endpoint.objects.get().responses_api == "native"  # the default
+    lines = run("add_endpoint", "local", "http://127.0.0.1:9/v1", "--responses", "translate")
+    assert lines[-1].endswith("(/responses translated to /chat/completions)")
+    run("add_endpoint", "local", "http://127.0.0.1:9/v1", "--timeout", "60")
+    assert Endpoint.objects.get().responses_api == "translate"
+
+
 def test_add_endpoint_never_prints_the_upstream_credential(db) -> None:
     lines = run("add_endpoint", "local", "http://127.0.0.1:9/v1", "--api-key", "upstream-secret")
     assert "upstream-secret" not in "\n".join(lines)
@@ -76,6 +85,7 @@ def test_add_endpoint_never_prints_the_upstream_credential(db) -> None:
         (("ftp://example.com/v1",), "is not a valid base URL"),
         (("http://127.0.0.1:9/v1", "--timeout", "0"), "The timeout must be a positive number of seconds"),
         (("http://127.0.0.1:9/v1", "--timeout", "soon"), "invalid int value: 'soon'"),
+        (("http://127.0.0.1:9/v1", "--responses", "both"), "invalid choice: 'both'"),
     ],
 )
 def test_add_endpoint_refuses_bad_input_and_writes_nothing(db, args: tuple[str, ...], message: str) -> None:

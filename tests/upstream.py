@@ -8,6 +8,7 @@ It behaves by the upstream model name it is asked for:
 - `held`: waits until the test sets `release` (at most 30 s), so a test controls when a call ends
 - `flaky`: answers 503 to the first `flaky_failures` calls of each request, then normally
 - `json-only`: answers /responses with a JSON body even when asked for a stream
+- `length`: a chat answer cut at the token limit (`finish_reason: "length"`)
 It records every request it saw (path, headers, body) in `requests`, and the most calls it had in
 flight at once in `peak_in_flight`.
 """
@@ -151,7 +152,7 @@ class FakeUpstream:
         base = {"id": "chatcmpl-upstream", "created": 1700000000, "model": body["model"]}
         text, tool_call = answer_of(body)
         tool_calls = [{"id": "call_1", "type": "function", "function": tool_call}] if tool_call else None
-        finish_reason = "tool_calls" if tool_call else "stop"
+        finish_reason = "tool_calls" if tool_call else "length" if body["model"] == "length" else "stop"
         if not body.get("stream"):
             message = {"role": "assistant", "content": text, "refusal": None}
             if tool_calls:

@@ -7,6 +7,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import URLValidator
 
 from common.commands import errors_as_command_errors
+from gateway.models import ResponsesApi
 from gateway.services import add_endpoint
 
 
@@ -18,6 +19,12 @@ class Command(BaseCommand):
         parser.add_argument("base_url", help="Up to and including /v1, e.g. https://api.openai.com/v1")
         parser.add_argument("--api-key", help="The upstream credential (stored, never printed).")
         parser.add_argument("--timeout", type=int, help="Whole upstream call, in seconds.")
+        parser.add_argument(
+            "--responses",
+            choices=ResponsesApi.values,
+            help="How /v1/responses is served: the upstream's own (native, the default) or translated to its "
+            "/chat/completions (translate).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -32,6 +39,8 @@ class Command(BaseCommand):
                 options["base_url"],
                 api_key=options["api_key"],
                 timeout_seconds=options["timeout"],
+                responses_api=options["responses"],
             )
         verb = "Created" if created else "Updated"
-        self.stdout.write(f"{verb} endpoint '{endpoint.name}' → {endpoint.base_url}")
+        translated = " (/responses translated to /chat/completions)" if endpoint.responses_api == "translate" else ""
+        self.stdout.write(f"{verb} endpoint '{endpoint.name}' → {endpoint.base_url}{translated}")
