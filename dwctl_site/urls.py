@@ -3,10 +3,12 @@ from django.urls import include, path
 from django.views import defaults
 
 from gateway.errors import openai_error
+from gateway.exposition import metrics
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
     path("admin/", admin.site.urls),
+    path("metrics", metrics, name="metrics"),
 ]
 
 
