@@ -6,6 +6,18 @@ PY=.venv/bin/python
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 
+# With metrics on, every process (the gateway, the qcluster and its workers) keeps its series in
+# a file of this directory and a scrape adds them up (gateway/metrics.py); emptied at each start,
+# as prometheus_client requires.
+metrics=${GATEWAY_METRICS:-}
+case "${metrics,,}" in
+  1|true|yes|on)
+    export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-$PWD/.metrics}
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
+    ;;
+esac
+
 pids=()
 stop() {
   trap - INT TERM EXIT
