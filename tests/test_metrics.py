@@ -126,7 +126,9 @@ def test_a_snapshot_rebuild_and_its_check_are_exposed(metrics_on, world, user_wi
     rebuilds = scrape(world.url).get(("dwctl_auth_snapshot_rebuild_seconds_count", frozenset()), 0.0)
     create_api_key(user_with_credits, name="moves-the-snapshot")
     wait_for(lambda: value(scrape(world.url), "dwctl_auth_snapshot_rebuild_seconds_count") > rebuilds)
-    assert value(scrape(world.url), "dwctl_auth_snapshot_checked_timestamp_seconds") > 0
+    checked = "dwctl_auth_snapshot_checked_timestamp_seconds"
+    checks = [v for (name, _), v in scrape(world.url).items() if name == checked]
+    assert checks and min(checks) > 0
 
 
 def test_several_processes_add_up_in_multiprocess_mode(world, user_with_credits, make_key, tmp_path):
@@ -139,6 +141,14 @@ def test_several_processes_add_up_in_multiprocess_mode(world, user_with_credits,
         labels = {"model": "gpt-test", "tier": "realtime", "status": "200"}
         samples = scrape(first.url, "t0k")
         assert value(samples, "gen_ai_server_request_duration_seconds_count", **labels) == 2
+
+        def snapshot_checks() -> list[float]:
+            checked = "dwctl_auth_snapshot_checked_timestamp_seconds"
+            return [v for (name, _), v in scrape(first.url, "t0k").items() if name == checked]
+
+        # One per process that watches a snapshot, none left at 0 by a process that does not.
+        wait_for(lambda: len(snapshot_checks()) == 2)
+        assert min(snapshot_checks()) > 0
         # Each process's usage writer charges its own call and counts it.
         wait_for(
             lambda: (
