@@ -22,8 +22,9 @@ install-dev: $(VENV)/.installed-dev
 
 run: install
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py ensure_admin
-	HOST=$(HOST) PORT=$(PORT) bash scripts/serve.sh
+	@# What ensure_admin said (a first password) goes to the box serve.sh shows once the gateway is up.
+	@admin="$$($(PY) manage.py ensure_admin)" && echo "$$admin" && \
+		ADMIN_NOTE="$$admin" HOST=$(HOST) PORT=$(PORT) bash scripts/serve.sh
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

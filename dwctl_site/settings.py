@@ -211,6 +211,10 @@ GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aioht
 if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
     ENV_ERRORS.append(f"GATEWAY_UPSTREAM_TRANSPORT={GATEWAY_UPSTREAM_TRANSPORT!r} must be aiohttp or httpx.")
     GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
+# Prometheus metrics at /metrics (gateway/exposition.py): off unless on; with a token, a scrape
+# must bear it; without one, only loopback clients may read them.
+GATEWAY_METRICS = env_bool("GATEWAY_METRICS", False)
+GATEWAY_METRICS_TOKEN = os.environ.get("GATEWAY_METRICS_TOKEN", "")
 # Django refuses larger bodies itself; the API enforces GATEWAY_MAX_BODY_BYTES with its own 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 

@@ -2,11 +2,17 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views import defaults
 
+from gateway import demo
 from gateway.errors import openai_error
+from gateway.exposition import metrics
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
     path("admin/", admin.site.urls),
+    path("metrics", metrics, name="metrics"),
+    # The echo upstream of `manage.py demo` (gateway/demo.py): the gateway calls it, clients do not.
+    path("demo/v1/chat/completions", demo.chat_completions, name="demo-chat-completions"),
+    path("demo/v1/responses", demo.responses, name="demo-responses"),
 ]
 
 

@@ -31,7 +31,7 @@ from accounts.models import ApiKey
 from billing.models import Tariff
 from billing.services import Usage, charge_usages, cost_of, select_tariff
 from common.bulk import insert_rows
-from gateway import budget
+from gateway import budget, metrics
 from gateway.db import in_thread
 from gateway.jobs import record_response
 from gateway.journal import Segment, journal
@@ -200,7 +200,7 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
         if r.job is not None and not InferenceRequest.objects.filter(pk=r.job["job_id"]).exists():
             record_response(**r.job)
     costs = price(records)
-    charge_usages(
+    charged = charge_usages(
         [
             Usage(
                 user_id=r.user_id,  # type: ignore[arg-type]  # a billable record has its user
@@ -215,6 +215,11 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
             if r.request_id in costs
         ]
     )
+    if charged:
+        # Counted once committed, and only what was charged now: a batch written again adds nothing.
+        fresh = set(charged)
+        charges = [(r.model_alias, r.tier, float(costs[r.request_id])) for r in records if r.source_id in fresh]
+        transaction.on_commit(lambda: metrics.count_credits(charges))
     insert_rows(
         RequestLog,
         LOG_COLUMNS,
@@ -334,6 +339,7 @@ class _Accountant:
                 await asyncio.sleep(settings.GATEWAY_ACCOUNTING_FLUSH_SECONDS)
                 if journal().backlog:
                     await in_thread(self.flush)
+                metrics.set_journal_backlog(journal().backlog)
             except Exception as exc:
                 logger.warning("Could not write call records; they wait in the journal: %s", exc)
 

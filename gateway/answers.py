@@ -16,6 +16,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from accounts.services import DISPLAY_PREFIX_LENGTH
+from gateway import metrics
 from gateway.accounting import accountant, journal_line
 from gateway.call import GatewayCall
 
@@ -46,6 +47,13 @@ def record_answer(request: HttpRequest, response: HttpResponseBase, request_id: 
     body: dict[str, Any] = call.body if call is not None else {}
     model = call.model if call is not None else None
     alias = body.get("model")
+    # The alias a client sent may be anything: a metric's label only names a model the snapshot knows.
+    metrics.observe_call(
+        model.alias if model is not None else "",
+        call.tier if call is not None else "realtime",
+        response.status_code,
+        time.time() - started_at,
+    )
     accountant.add(
         journal_line(
             request_id=request_id,

@@ -178,7 +178,7 @@ async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-
 async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     """ASGI lifespan: refuse to start on credentials no key decrypts, and write the journals of
     processes that died; write this process's journal and close the upstream client at shutdown."""
-    from gateway import clients
+    from gateway import clients, metrics
     from gateway.accounting import accountant
     from gateway.checks import check_credentials
     from gateway.db import in_thread
@@ -199,6 +199,7 @@ async def lifespan(scope, receive, send) -> None:  # type: ignore[no-untyped-def
             try:
                 await accountant.aflush()
                 await clients.aclose()
+                metrics.process_stopped()
             except Exception:
                 logger.exception("Error during shutdown")
             await send({"type": "lifespan.shutdown.complete"})

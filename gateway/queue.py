@@ -26,6 +26,7 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from billing.models import Balance, Tier
+from gateway import metrics
 from gateway.accounting import CallRecord, account
 from gateway.budget import to_nanos
 from gateway.errors import (
@@ -170,6 +171,7 @@ class Outcome:
     output_tokens: int | None = None
     error: str = ""
     latency_ms: float = 0.0
+    endpoint: str = ""  # the name of the endpoint called, if one was
 
     @property
     def tokens(self) -> tuple[int | None, int | None]:
@@ -211,6 +213,7 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
             )
         }
         records: list[CallRecord] = []
+        ended: list[Outcome] = []
         for outcome in outcomes:
             job = jobs.get(outcome.job_id)
             if job is None:
@@ -218,8 +221,18 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
             states[job.id] = _retry(job, outcome, now) or _finish(job, outcome, now)
             if states[job.id] != JobState.PENDING:
                 records.append(outcome.record(job))
+                ended.append(outcome)
         account(records)
     count_key_tokens(records)  # once committed: a key's tokens per minute counts its flex calls too
+    for record, outcome in zip(records, ended, strict=True):
+        metrics.observe_call(
+            record.model_alias,
+            record.tier,
+            record.status_code,
+            record.latency_ms / 1000,
+            tokens=outcome.tokens,
+            endpoint=outcome.endpoint,
+        )
     return states
 
 

@@ -11,11 +11,12 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
 
-from accounts.models import AccessGroup
-from accounts.services import ensure_groups
+from accounts.models import AccessGroup, ApiKey, User
+from accounts.services import create_api_key, ensure_groups, revoke_api_key
 from billing.models import Tier
-from billing.services import set_tariff
+from billing.services import create_user, set_tariff
 from common.limits import save_validated
+from gateway.demo import demo_credential
 from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, ResponsesApi, decrypt_credentials
 
 
@@ -123,3 +124,37 @@ def set_model_limits(model: DeployedModel, *, clear: bool = False, **limits: Unp
     """
     save_validated(model, MODEL_LIMITS, dict(limits), reset=clear)
     return model
+
+
+DEMO_ALIAS = "demo-echo"
+DEMO_USER = DEMO_GROUP = DEMO_KEY = "demo"
+DEMO_CREDITS = Decimal(10)
+# Credits per 1M tokens: dear enough that a call of a few words shows a cost in the request log.
+DEMO_PRICES = (Decimal(100), Decimal(200))  # input, output (flex: half)
+
+
+@transaction.atomic
+def set_up_demo(gateway_url: str) -> tuple[User, str]:
+    """Point the demo endpoint at this gateway's own echo upstream, deploy its model for the demo
+    group, and give the demo user (created with credits the first time) a new key, revoking the
+    earlier ones. Returns the user and the key's secret. Running it again duplicates nothing."""
+    endpoint, _ = add_endpoint("demo", f"{gateway_url.rstrip('/')}/demo/v1", api_key=demo_credential())
+    model = DeployedModel.objects.filter(alias=DEMO_ALIAS).first()
+    if model is None:
+        input_price, output_price = DEMO_PRICES
+        model = add_model(
+            DEMO_ALIAS,
+            endpoint=endpoint,
+            upstream_model="echo",
+            input_price=input_price,
+            output_price=output_price,
+            flex_input_price=input_price / 2,
+            flex_output_price=output_price / 2,
+        )
+    user = User.objects.filter(username=DEMO_USER).first() or create_user(DEMO_USER, credits=DEMO_CREDITS)
+    group = ensure_groups([DEMO_GROUP])[0]
+    group.models.add(model)
+    group.members.add(user)
+    for earlier in ApiKey.objects.active().filter(owner=user, name=DEMO_KEY):
+        revoke_api_key(earlier)
+    return user, create_api_key(user, name=DEMO_KEY)[1]

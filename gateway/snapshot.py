@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -22,6 +23,7 @@ from django.utils import timezone
 from accounts.models import AccessGroup, ApiKey
 from billing.models import Tariff, to_picos
 from billing.services import paid_tiers, prices_at
+from gateway import metrics
 from gateway.db import in_thread
 from gateway.models import DeployedModel, ResponsesApi, SnapshotVersion, decrypt_credentials
 from routing_rules.models import RuleAction, TrafficRule
@@ -50,6 +52,7 @@ class EndpointEntry:
     timeout_seconds: float
     connect_timeout_seconds: float
     translates_responses: bool = False  # /v1/responses served by its /chat/completions (gateway.translate)
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,7 @@ def build_snapshot() -> Snapshot:
             kind=model.kind,
             endpoint=EndpointEntry(
                 id=endpoint.id,
+                name=endpoint.name,
                 base_url=endpoint.base_url.rstrip("/"),
                 auth_headers=auth_headers,
                 timeout_seconds=float(endpoint.timeout_seconds),
@@ -221,8 +225,10 @@ def _rebuild(*, force: bool = False) -> Snapshot:
         if not force and _state.snapshot is not None and not _state.stale:
             return _state.snapshot  # another thread has just built it
         changes = _state.changes
+        started = time.perf_counter()
         snapshot = build_snapshot()
         _state.snapshot, _state.included = snapshot, changes
+        metrics.observe_snapshot_build(started)
         return snapshot
 
 
@@ -234,6 +240,8 @@ async def _watch() -> None:
             version = await in_thread(read_version)
             if _state.stale or current is None or version != current.version:
                 await in_thread(_rebuild, force=True)
+            else:
+                metrics.snapshot_is_current()
         except Exception as exc:
             logger.warning("Could not refresh the auth snapshot; keeping the previous one: %s", exc)
 

@@ -23,7 +23,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
-from gateway import admission, budget, clients, errors, flex
+from gateway import admission, budget, clients, errors, flex, metrics
 from gateway.accounting import accountant, journal_line
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
@@ -69,6 +69,15 @@ def record_call(
     model = call.served
     call.recorded = True
     committed = admission.finish(call, tokens, billed=status < 400)
+    metrics.observe_call(
+        model.alias,
+        call.tier,
+        status,
+        time.time() - call.started_at,
+        ttfb_ms=ttfb_ms,
+        tokens=tokens,
+        endpoint=model.endpoint.name,
+    )
     accountant.add(
         journal_line(
             request_id=call.request_id,

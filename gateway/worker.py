@@ -252,6 +252,7 @@ class Runner:
             output_tokens=tokens[1],
             error=error,
             latency_ms=(time.perf_counter() - started) * 1000 if started is not None else 0.0,
+            endpoint=model.endpoint.name if model else "",
         )
         settled: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.outcomes.append((outcome, settled))

@@ -292,9 +292,11 @@ def test_a_translated_background_response_is_polled_to_its_answer_and_billed(cha
     accepted = client.responses.create(model="chat-test", input="hi", background=True)
 
     assert accepted.status in ("queued", "in_progress")
-    wait_for(lambda: client.responses.retrieve(accepted.id).status == "completed")
-    done = client.responses.retrieve(accepted.id)
-    assert (done.output_text, done.background) == (HELLO_TEXT, True)
+    done = wait_for(
+        lambda: (r := client.responses.retrieve(accepted.id)).status not in ("queued", "in_progress") and r,
+        timeout=30,
+    )
+    assert (done.status, done.output_text, done.background) == ("completed", HELLO_TEXT, True)
     (asked,) = upstream_bodies(chat_only)
     assert "stream" not in asked and "background" not in asked
     assert cost_of(accepted.id) == REALTIME_COST
