@@ -7,7 +7,7 @@ context (two threads started per request) — most of its per-request cost, meas
 database manages its own connections in worker threads. So this handler:
 
 - runs only ``GATEWAY_MIDDLEWARE`` (the two async gateway middlewares);
-- reads the body into memory with the size limit enforced while reading (413 early) — except a
+- reads the body with the size limit enforced while reading (413 early): into memory — except a
   file upload's, spooled to a temporary file under its own limit (``GATEWAY_MAX_FILE_BYTES``);
 - sends no request signals and closes the response on the event loop.
 
@@ -71,24 +71,9 @@ class GatewayHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await self.handle(scope, receive, send)
 
-    async def read_limited_body(self, receive) -> io.BytesIO:  # type: ignore[no-untyped-def]
-        limit = settings.GATEWAY_MAX_BODY_BYTES
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestAborted()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return io.BytesIO(b"".join(chunks))
-
-    async def spool_limited_body(self, receive) -> tempfile.SpooledTemporaryFile[bytes]:  # type: ignore[no-untyped-def]
-        limit = settings.GATEWAY_MAX_FILE_BYTES + MULTIPART_FRAMING_BYTES
-        body_file = tempfile.SpooledTemporaryFile(max_size=UPLOAD_SPOOL_MEMORY_BYTES)  # noqa: SIM115 (the caller closes it)
+    async def read_limited_body(self, receive, limit: int, sink):  # type: ignore[no-untyped-def]
+        """Read the body into ``sink`` (a file object), refusing it once past ``limit`` bytes;
+        returns the sink rewound, or closes it and raises."""
         size = 0
         try:
             while True:
@@ -99,18 +84,23 @@ class GatewayHandler(ASGIHandler):
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge()
-                body_file.write(chunk)
+                sink.write(chunk)
                 if not message.get("more_body", False):
-                    body_file.seek(0)
-                    return body_file
+                    sink.seek(0)
+                    return sink
         except BaseException:
-            body_file.close()
+            sink.close()
             raise
 
     async def handle(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         upload = is_upload(scope)
         try:
-            body_file = await (self.spool_limited_body(receive) if upload else self.read_limited_body(receive))
+            if upload:
+                limit = settings.GATEWAY_MAX_FILE_BYTES + MULTIPART_FRAMING_BYTES
+                sink = tempfile.SpooledTemporaryFile(max_size=UPLOAD_SPOOL_MEMORY_BYTES)  # noqa: SIM115 (closed below)
+            else:
+                limit, sink = settings.GATEWAY_MAX_BODY_BYTES, io.BytesIO()
+            body_file = await self.read_limited_body(receive, limit, sink)
         except RequestAborted:
             return
         except BodyTooLarge:
