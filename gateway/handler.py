@@ -9,7 +9,8 @@ database manages its own connections in worker threads. So this handler:
 - runs only ``GATEWAY_MIDDLEWARE`` (the two async gateway middlewares);
 - reads the body with the size limit enforced while reading (413 early): into memory — except a
   file upload's, spooled to a temporary file under its own limit (``GATEWAY_MAX_FILE_BYTES``);
-- sends no request signals and closes the response on the event loop.
+- sends no request signals (not even ``request_finished`` as a response closes), does not log
+  refusals a second time, and closes the response on the event loop.
 
 It keeps Django's disconnect handling: a client that goes away cancels the view — except that a
 relayed stream is read on for up to ``GATEWAY_STREAM_DRAIN_SECONDS``, so the upstream's usage
@@ -71,6 +72,14 @@ class GatewayHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await self.handle(scope, receive, send)
 
+    async def get_response_async(self, request):  # type: ignore[no-untyped-def]
+        # Django's own also logs every 4xx and 5xx answer, from a worker thread: a thread hop per
+        # refusal. The request log records every /ai/ answer, and an unhandled error is still
+        # logged where it is caught (convert_exception_to_response).
+        response = await self._middleware_chain(request)
+        response._resource_closers.append(request.close)  # an upload's parsed files go with it
+        return response
+
     async def read_limited_body(self, receive, limit: int, sink):  # type: ignore[no-untyped-def]
         """Read the body into ``sink`` (a file object), refusing it once past ``limit`` bytes;
         returns the sink rewound, or closes it and raises."""
@@ -129,7 +138,7 @@ class GatewayHandler(ASGIHandler):
             try:
                 await self.send_response(response, send)
             finally:
-                response.close()
+                close_quietly(response)
 
         serving = asyncio.create_task(respond())
         listening = asyncio.create_task(self.listen_for_disconnect(receive))
@@ -148,6 +157,18 @@ class GatewayHandler(ASGIHandler):
                 pass
             except Exception:
                 logger.exception("Unhandled error while serving %s", scope.get("path"))
+
+
+def close_quietly(response) -> None:  # type: ignore[no-untyped-def]
+    """``response.close()`` without its ``request_finished`` signal, whose receivers tidy up
+    database connections this thread never holds (gateway.db hands worker threads' back)."""
+    for closer in response._resource_closers:
+        try:
+            closer()
+        except Exception:
+            logger.exception("Error while closing a response")
+    response._resource_closers.clear()
+    response.closed = True
 
 
 async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-untyped-def]
