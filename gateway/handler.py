@@ -23,7 +23,7 @@ import asyncio
 import io
 import logging
 import tempfile
-from typing import Any
+from typing import IO, Any
 
 from django.conf import settings
 from django.core.exceptions import RequestAborted
@@ -76,7 +76,7 @@ class GatewayHandler(ASGIHandler):
         # Django's own also logs every 4xx and 5xx answer, from a worker thread: a thread hop per
         # refusal. The request log records every /ai/ answer, and an unhandled error is still
         # logged where it is caught (convert_exception_to_response).
-        response = await self._middleware_chain(request)
+        response = await self._middleware_chain(request)  # type: ignore[misc]  # async all through
         response._resource_closers.append(request.close)  # an upload's parsed files go with it
         return response
 
@@ -104,6 +104,7 @@ class GatewayHandler(ASGIHandler):
     async def handle(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         upload = is_upload(scope)
         try:
+            sink: IO[bytes]
             if upload:
                 limit = settings.GATEWAY_MAX_FILE_BYTES + MULTIPART_FRAMING_BYTES
                 sink = tempfile.SpooledTemporaryFile(max_size=UPLOAD_SPOOL_MEMORY_BYTES)  # noqa: SIM115 (closed below)
