@@ -13,6 +13,7 @@ import logging
 import uuid
 from dataclasses import replace
 from functools import cache
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -48,6 +49,7 @@ class _Link:
         self.held: dict[str, set[str]] = {}
         self.renewer: asyncio.Task[None] | None = None
         self.pending: set[asyncio.Task[None]] = set()  # endings in flight, kept from the collector
+        self.endings: list[tuple[list[str], list[Any], Ending]] = []  # to send with the next pipeline
 
     def start(self, task: asyncio.Task[None]) -> None:
         self.pending.add(task)
@@ -179,9 +181,31 @@ class RedisCounters(OneAtATime):
         return keys, args
 
     def end(self, ending: Ending) -> None:
+        """End a call without waiting: the endings of one turn of the event loop go in one pipeline."""
         link = self._link()
         self._let_go(link, ending)  # no longer renewed, whatever happens next
-        link.start(asyncio.get_running_loop().create_task(self._finish(link, ending)))
+        keys, args = self._finish_call(ending)
+        if not keys:
+            return
+        link.endings.append((keys, args, ending))
+        if len(link.endings) == 1:
+            link.start(asyncio.get_running_loop().create_task(self._send_endings(link)))
+
+    async def _send_endings(self, link: _Link) -> None:
+        endings, link.endings = link.endings, []
+        try:
+            async with link.client.pipeline(transaction=False) as pipe:
+                for keys, args, _ in endings:
+                    pipe.evalsha(link.finish.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            answers = [exc] * len(endings)
+        for (_, _, ending), answer in zip(endings, answers, strict=True):
+            if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: load it, once
+                await self._finish(link, ending)
+            elif isinstance(answer, redis.RedisError):
+                warn_unreachable("limits and credits", answer)  # a slot taken in Redis comes back with its lease
+                self.local.end(replace(ending, slot=None))
 
     async def finish(self, ending: Ending) -> None:
         link = self._link()

@@ -129,6 +129,26 @@ async def test_a_count_from_the_event_loop_lands(counters):
     assert (await counters.check("key:1", None, 100, T)).wait is not None
 
 
+async def test_the_endings_of_one_turn_go_together_and_all_land(counters):
+    for n, scope in enumerate(["key:1", "key:2", "model:1"]):
+        counters.end(Ending(scopes=[scope], member=f"m{n}", tokens=100, now=T))
+    if isinstance(counters, RedisCounters):
+        assert len(counters._link().pending) == 1  # one pipeline for the three
+        await asyncio.gather(*counters._link().pending)
+    for scope in ["key:1", "key:2", "model:1"]:
+        assert (await counters.check(scope, None, 100, T)).wait is not None
+
+
+async def test_an_ending_lands_after_redis_forgot_its_scripts(counters):
+    if not isinstance(counters, RedisCounters):
+        pytest.skip("scripts are Redis's")
+    await passes(counters, tpm=100)  # the scripts are loaded
+    await counters._link().client.script_flush()  # as after a restart of Redis
+    counters.end(Ending(scopes=["key:1"], member="a", tokens=100, now=T))
+    await asyncio.gather(*counters._link().pending)
+    assert (await counters.check("key:1", None, 100, T)).wait is not None
+
+
 # --- capacity leases ---------------------------------------------------------------------------------
 
 
