@@ -18,6 +18,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from django.conf import settings
+from redis.commands.core import AsyncScript
 
 from gateway import scripts
 from gateway.counters import (
@@ -39,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class _Link:
-    """One event loop's Redis client and scripts, the slots held from it, and the task renewing them."""
+    """One event loop's Redis client and scripts, the slots held from it, and the task renewing them.
+
+    Admissions and endings are sent through :meth:`run`: the scripts run in one turn of the loop
+    go to Redis together, in one pipeline (one write and one read for all of them)."""
 
     def __init__(self, url: str) -> None:
         self.client = redis.asyncio.Redis.from_url(url)
@@ -48,8 +52,39 @@ class _Link:
         self.renew = self.client.register_script(scripts.RENEW)
         self.held: dict[str, set[str]] = {}
         self.renewer: asyncio.Task[None] | None = None
-        self.pending: set[asyncio.Task[None]] = set()  # endings in flight, kept from the collector
-        self.endings: list[tuple[list[str], list[Any], Ending]] = []  # to send with the next pipeline
+        self.pending: set[asyncio.Task[None]] = set()  # pipelines in flight, kept from the collector
+        self.queued: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+
+    def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run the script with the next pipeline; the future has its answer or its RedisError."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self.queued.append((script, keys, args, answer))
+        if len(self.queued) == 1:
+            self.start(loop.create_task(self._send()))
+        return answer
+
+    async def _send(self) -> None:
+        queued, self.queued = self.queued, []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in queued:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                answers = await pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            answers = [exc] * len(queued)
+        for (script, keys, args, future), answer in zip(queued, answers, strict=True):
+            if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the script loads itself
+                try:
+                    answer = await script(keys=keys, args=args)
+                except redis.RedisError as exc:
+                    answer = exc
+            if future.cancelled():
+                continue
+            if isinstance(answer, Exception):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
     def start(self, task: asyncio.Task[None]) -> None:
         self.pending.add(task)
@@ -58,7 +93,7 @@ class _Link:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("Could not end a call in Redis", exc_info=task.exception())
+            logger.error("Could not send a pipeline to Redis", exc_info=task.exception())
 
     async def keep_leases(self) -> None:
         """Renew this loop's leases a few times per lease, so that only a process that died loses its slots."""
@@ -133,7 +168,7 @@ class RedisCounters(OneAtATime):
             args += [seed.version, seed.base]
         link = self._link()
         try:
-            answer = await link.admit(keys=keys, args=args)
+            answer = await link.run(link.admit, keys, args)
         except redis.RedisError as exc:
             warn_unreachable("limits and credits", exc)
             return self.local.admit_now(admission)
@@ -181,36 +216,26 @@ class RedisCounters(OneAtATime):
         return keys, args
 
     def end(self, ending: Ending) -> None:
-        """End a call without waiting: the endings of one turn of the event loop go in one pipeline."""
         link = self._link()
         self._let_go(link, ending)  # no longer renewed, whatever happens next
         keys, args = self._finish_call(ending)
-        if not keys:
-            return
-        link.endings.append((keys, args, ending))
-        if len(link.endings) == 1:
-            link.start(asyncio.get_running_loop().create_task(self._send_endings(link)))
+        if keys:
+            link.run(link.finish, keys, args).add_done_callback(lambda sent: self._ended(sent, ending))
 
-    async def _send_endings(self, link: _Link) -> None:
-        endings, link.endings = link.endings, []
-        try:
-            async with link.client.pipeline(transaction=False) as pipe:
-                for keys, args, _ in endings:
-                    pipe.evalsha(link.finish.sha, len(keys), *keys, *args)
-                answers = await pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            answers = [exc] * len(endings)
-        for (_, _, ending), answer in zip(endings, answers, strict=True):
-            if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: load it, once
-                await self._finish(link, ending)
-            elif isinstance(answer, redis.RedisError):
-                warn_unreachable("limits and credits", answer)  # a slot taken in Redis comes back with its lease
-                self.local.end(replace(ending, slot=None))
+    def _ended(self, sent: asyncio.Future[Any], ending: Ending) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if isinstance(error, redis.RedisError):
+            warn_unreachable("limits and credits", error)  # a slot taken in Redis comes back with its lease
+            self.local.end(replace(ending, slot=None))
 
     async def finish(self, ending: Ending) -> None:
         link = self._link()
         self._let_go(link, ending)
-        await self._finish(link, ending)
+        keys, args = self._finish_call(ending)
+        if keys:
+            sent = link.run(link.finish, keys, args)
+            await asyncio.wait([sent])
+            self._ended(sent, ending)
 
     def _let_go(self, link: _Link, ending: Ending) -> None:
         if ending.slot is None:
@@ -225,16 +250,6 @@ class RedisCounters(OneAtATime):
             held.discard(lease)
             if not held:
                 del link.held[key]
-
-    async def _finish(self, link: _Link, ending: Ending) -> None:
-        keys, args = self._finish_call(ending)
-        if not keys:
-            return
-        try:
-            await link.finish(keys=keys, args=args)
-        except redis.RedisError as exc:
-            warn_unreachable("limits and credits", exc)  # a slot taken in Redis comes back with its lease
-            self.local.end(replace(ending, slot=None))
 
     def count_now(self, scopes: list[str], member: str, tokens: int, now: float) -> None:
         if self._sync_finish is None:
