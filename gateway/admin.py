@@ -378,3 +378,4 @@ class StoredFileAdmin(ReadOnlyAdmin):
 
 
 from gateway import request_log_admin  # noqa: E402, F401  (registers the request log)
+from gateway import dashboard  # noqa: E402, F401  (the usage page; spend on the user and key pages)

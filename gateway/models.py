@@ -293,7 +293,10 @@ class RequestLog(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["api_key", "created_at"], name="requestlog_key_time")]
+        indexes = [
+            models.Index(fields=["api_key", "created_at"], name="requestlog_key_time"),
+            models.Index(fields=["user", "created_at"], name="requestlog_user_time"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.status_code}"
