@@ -164,7 +164,7 @@ class UserAdmin(BillingUserAdmin):
         )
         return format_html('<ul class="user-keys">{}</ul>', listed) if listed else "none yet"
 
-    @admin.display(description="")
+    @admin.display(description="shortcuts")
     def shortcuts(self, user: User) -> str:
         if user.pk is None:
             return ""
