@@ -39,3 +39,8 @@ def drain_on_spawn(**kwargs: Any) -> None:
 def prune_request_log() -> int:
     """Scheduled: delete request-log rows past GATEWAY_LOG_RETENTION_DAYS. Returns how many."""
     return usage.prune_request_log()
+
+
+def roll_up_usage() -> int:
+    """Scheduled: add the request-log rows written since the last run to the dashboard's hourly rollup."""
+    return usage.roll_up_usage()

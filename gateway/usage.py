@@ -1,20 +1,24 @@
 """What the request log adds up to: the usage dashboard's figures, a user's or key's spend, and retention.
 
-Every figure is one aggregate query over `gateway_requestlog` (its `created_at` index bounds the
-period), so a page costs a few scans of the period, not a row per call. The SQL is written here
-rather than through the ORM for two things the ORM does not give on both databases:
+The dashboard reads `UsageRollup`: the log added up by hour (all calls, and per user, key and model),
+rebuilt every minute for the hours that got new rows (`roll_up_usage`, a django-q2 schedule), so a
+30-day page reads hundreds of rows however many calls there were. A user's or key's spend today and
+this month is read from the log itself (an index on owner and time), current to the last flush.
+
+Two things the ORM does not give alike on both databases are written in SQL here:
 
 - exact spend: SQLite keeps a decimal as a REAL, and summing REALs drifts; the sum is taken in
-  integer nano-credits there (a cost has 9 decimals, well inside a double's precision), and in
-  NUMERIC on PostgreSQL — both come back as an exact `Decimal`;
-- percentiles: PostgreSQL's `percentile_cont` has no SQLite twin, so both rank the period's
-  latencies with window functions (SQLite ≥ 3.25) and interpolate between the two neighbouring
-  ranks as `percentile_cont` does: one definition, the same figure on both databases.
+  integer nano-credits there (a cost has 9 decimals, well inside a double's precision), in NUMERIC
+  on PostgreSQL, and the rollup keeps nano-credits — every figure comes back as an exact `Decimal`;
+- percentiles: percentiles do not add up across hours, so the rollup keeps a latency histogram
+  (bins 2 % wide) per hour, and p50/p99 are `percentile_cont`'s interpolation over it: within 1 % of
+  the exact figure, the same on both databases (`percentile_cont` exists on PostgreSQL only).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,11 +26,12 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.models import ApiKey, User
-from gateway.models import RequestLog
+from gateway.models import RequestLog, UsageRollup, UsageRollupMark
 
 TABLE = RequestLog._meta.db_table
 NANO_PER_CREDIT = 10**9
@@ -37,8 +42,12 @@ PERIODS: dict[str, tuple[timedelta, str]] = {
     "30d": (timedelta(days=30), "day"),
 }
 PERCENTILES = (50, 99)
+# Latency histogram bins of the rollup: each 2 % wider than the last, from 0.01 ms up.
+LATENCY_BIN = 1.02
 TOP = 10
 PRUNE_BATCH = 5000
+ROLLUP_MARGIN = 10_000
+ROLLUP_STEP = 200_000
 
 
 def _vendor_sql() -> dict[str, str]:
@@ -106,6 +115,93 @@ def spend_of(*, user_id: int | None = None, api_key_id: int | None = None, now: 
     return Spend(int(day_count or 0), _credits(day_total), int(month_count or 0), _credits(month_total))
 
 
+# --- the rollup: the request log by hour ---------------------------------------------------------
+
+
+def _rollup_sql() -> dict[str, str]:
+    if connection.vendor == "postgresql":
+        return {
+            "spend_nano": f"CAST(SUM(cost) * {NANO_PER_CREDIT} AS BIGINT)",
+            "hour": "date_trunc('hour', created_at)",
+            "empty_json": "CAST('{}' AS jsonb)",
+            "bin": f"CAST(floor(ln(greatest(latency_ms, 0.01)) / ln({LATENCY_BIN})) AS INTEGER)",
+        }
+    return {
+        "spend_nano": _vendor_sql()["spend"],
+        "hour": "substr(created_at, 1, 13) || ':00:00'",
+        "empty_json": "'{}'",
+        "bin": f"CAST(floor(ln(max(latency_ms, 0.01)) / ln({LATENCY_BIN})) AS INTEGER)",
+    }
+
+
+# What a rollup row is about, and the request-log expression that gives its `value`.
+DIMENSIONS = {
+    "all": "''",
+    "user": "CAST(user_id AS VARCHAR(20))",
+    "key": "CAST(api_key_id AS VARCHAR(20))",
+    "model": "model_alias",
+}
+ANSWERED = "(status_code < 400 OR status_code >= 500)"  # 4xx refusals are the gateway's own, quick answers
+
+
+def _roll_up_hour(hour: datetime) -> None:
+    """Rebuild every rollup row of one hour from the request log (the caller holds a transaction)."""
+    sql = _rollup_sql()
+    table = UsageRollup._meta.db_table
+    span = [_when(hour), _when(hour + timedelta(hours=1))]
+    with connection.cursor() as cursor:
+        for dimension, value in DIMENSIONS.items():
+            cursor.execute(f"DELETE FROM {table} WHERE dimension = %s AND hour = %s", [dimension, _when(hour)])  # noqa: S608
+            cursor.execute(
+                f"INSERT INTO {table} (hour, dimension, value, requests, errors, input_tokens, "  # noqa: S608
+                "output_tokens, spend_nano, latency_bins) "
+                f"SELECT %s, '{dimension}', {value}, COUNT(*), "
+                "SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), COALESCE(SUM(input_tokens), 0), "
+                f"COALESCE(SUM(output_tokens), 0), COALESCE({sql['spend_nano']}, 0), {sql['empty_json']} "
+                f"FROM {TABLE} WHERE created_at >= %s AND created_at < %s AND {value} IS NOT NULL "
+                + ("HAVING COUNT(*) > 0" if dimension == "all" else f"GROUP BY {value}"),
+                [_when(hour), *span],
+            )
+        cursor.execute(
+            f"SELECT {sql['bin']} AS bin, COUNT(*) FROM {TABLE} "  # noqa: S608
+            f"WHERE created_at >= %s AND created_at < %s AND {ANSWERED} GROUP BY bin",
+            span,
+        )
+        bins = {str(b): int(n) for b, n in cursor.fetchall()}
+    if bins:
+        UsageRollup.objects.filter(hour=hour, dimension="all").update(latency_bins=bins)
+
+
+def roll_up_usage(*, margin: int = ROLLUP_MARGIN, step: int = ROLLUP_STEP) -> int:
+    """Rebuild the rollup of every hour that has request-log rows written since the last run; returns
+    how many hours.
+
+    Rows are found by id: every row above the last id read, less `margin` — ids are handed out as
+    rows are inserted, and a batch that took its ids earlier may commit a moment later.
+    """
+    mark, _ = UsageRollupMark.objects.get_or_create(name="request_log")
+    top = RequestLog.objects.order_by("-id").values_list("id", flat=True).first()
+    if top is None:
+        return 0
+    hour_sql = _rollup_sql()["hour"]
+    # A run takes at most `step` new ids, so a first run over a long log ends inside the task's
+    # timeout and the next one goes on from there.
+    upto = min(top, mark.last_id + step)
+    touched = [
+        row[0]
+        for row in _rows(
+            f"SELECT DISTINCT {hour_sql} FROM {TABLE} WHERE id > %s AND id <= %s",  # noqa: S608
+            [mark.last_id - margin, upto],
+        )
+    ]
+    for bucket in touched:
+        hour = bucket if isinstance(bucket, datetime) else _bucket_start(str(bucket)[:13])
+        with transaction.atomic():
+            _roll_up_hour(hour.astimezone(UTC))
+    UsageRollupMark.objects.filter(pk=mark.pk).update(last_id=upto)
+    return len(touched)
+
+
 # --- the dashboard ---------------------------------------------------------------------------
 
 
@@ -120,6 +216,15 @@ class Point:
     output_tokens: int = 0
     spend: Decimal = Decimal(0)
     latency: dict[int, float | None] = field(default_factory=dict)
+    bins: Counter[int] = field(default_factory=Counter)
+
+    def add(self, row: UsageRollup) -> None:
+        self.requests += row.requests
+        self.errors += row.errors
+        self.input_tokens += row.input_tokens
+        self.output_tokens += row.output_tokens
+        self.spend += Decimal(row.spend_nano) / NANO_PER_CREDIT
+        self.bins.update({int(b): n for b, n in row.latency_bins.items()})
 
 
 @dataclass(frozen=True)
@@ -148,117 +253,84 @@ class Dashboard:
 
 def _bucket_start(text: str) -> datetime:
     fmt = "%Y-%m-%d %H" if len(text) > 10 else "%Y-%m-%d"
-    return datetime.strptime(text, fmt).replace(tzinfo=UTC)  # noqa: DTZ007  (tz set at once)
+    return datetime.strptime(text, fmt).replace(tzinfo=UTC)
 
 
-def _buckets(since: datetime, until: datetime, width: str) -> list[datetime]:
-    """Every bucket start of the period, so a quiet hour is a zero on the chart, not a gap."""
-    step = timedelta(hours=1) if width == "hour" else timedelta(days=1)
-    start = since.replace(minute=0, second=0, microsecond=0)
-    if width == "day":
-        start = start.replace(hour=0)
-    starts = []
-    while start <= until:
-        starts.append(start)
-        start += step
-    return starts
+def _truncate(moment: datetime, width: str) -> datetime:
+    moment = moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return moment.replace(hour=0) if width == "day" else moment
 
 
-def percentiles_from_ranks(ranked: list[tuple[Any, int, int, float]]) -> dict[Any, dict[int, float]]:
-    """`percentile_cont` per group, from the rows at ranks ⌊(n-1)p⌋+1 and ⌊(n-1)p⌋+2 of each group.
+def percentiles_from_bins(bins: Counter[int]) -> dict[int, float | None]:
+    """`percentile_cont` over a latency histogram: each call taken at its bin's geometric middle, so a
+    figure is within half a bin (1 %) of the exact one."""
+    size = sum(bins.values())
+    if not size:
+        return {p: None for p in PERCENTILES}
+    ordered = sorted(bins.items())
 
-    `ranked` holds (group, rank from 1, size of the group, value) for those rows only.
-    """
-    values: dict[Any, dict[int, float]] = {}
-    sizes: dict[Any, int] = {}
-    for group, rank, size, value in ranked:
-        values.setdefault(group, {})[rank] = value
-        sizes[group] = size
-    out: dict[Any, dict[int, float]] = {}
-    for group, size in sizes.items():
-        at = values[group]
-        out[group] = {}
-        for p in PERCENTILES:
-            position = (size - 1) * p / 100
-            low = math.floor(position)
-            below = at[low + 1]
-            above = at.get(low + 2, below)
-            out[group][p] = below + (position - low) * (above - below)
+    def at(index: int) -> float:
+        seen = 0
+        for b, count in ordered:
+            seen += count
+            if index < seen:
+                return float(LATENCY_BIN ** (b + 0.5))
+        return float(LATENCY_BIN ** (ordered[-1][0] + 0.5))
+
+    out: dict[int, float | None] = {}
+    for p in PERCENTILES:
+        position = (size - 1) * p / 100
+        low = math.floor(position)
+        below, above = at(low), at(min(low + 1, size - 1))
+        out[p] = below + (position - low) * (above - below)
     return out
 
 
-def _latency_percentiles(bucket_sql: str, params: list[Any]) -> dict[Any, dict[int, float]]:
-    """p50/p99 latency per bucket of answered calls (4xx refusals are the gateway's own, quick answers)."""
-    wanted = " OR ".join(f"rn = (n - 1) * {p} / 100 + 1 OR rn = (n - 1) * {p} / 100 + 2" for p in PERCENTILES)
-    sql = (
-        "SELECT bucket, rn, n, latency_ms FROM ("  # noqa: S608
-        "SELECT bucket, latency_ms, "
-        "ROW_NUMBER() OVER (PARTITION BY bucket ORDER BY latency_ms) AS rn, "
-        "COUNT(*) OVER (PARTITION BY bucket) AS n "
-        f"FROM (SELECT {bucket_sql} AS bucket, latency_ms FROM {TABLE} "
-        "WHERE created_at >= %s AND created_at <= %s AND (status_code < 400 OR status_code >= 500)) periods"
-        f") ranked WHERE {wanted}"
+def _top(dimension: str, since: datetime, until: datetime) -> list[tuple[str, int, Decimal]]:
+    rows = (
+        UsageRollup.objects.filter(dimension=dimension, hour__gte=since, hour__lte=until)
+        .values("value")
+        .annotate(calls=Sum("requests"), spent=Sum("spend_nano"))
+        .filter(spent__gt=0)
+        .order_by("-spent", "value")[:TOP]
     )
-    return percentiles_from_ranks(_rows(sql, params))
-
-
-def _top(group_sql: str, params: list[Any]) -> list[tuple[Any, int, Decimal]]:
-    spend = _vendor_sql()["spend"]
-    sql = (
-        f"SELECT {group_sql}, COUNT(*), {spend} AS spend FROM {TABLE} "  # noqa: S608
-        f"WHERE created_at >= %s AND created_at <= %s AND {group_sql} IS NOT NULL "
-        f"GROUP BY {group_sql} HAVING {spend} > 0 ORDER BY spend DESC, {group_sql} LIMIT {TOP}"
-    )
-    return [(group, int(count), _credits(total)) for group, count, total in _rows(sql, params)]
+    return [(row["value"], int(row["calls"]), Decimal(row["spent"]) / NANO_PER_CREDIT) for row in rows]
 
 
 def dashboard(period: str, *, now: datetime | None = None) -> Dashboard:
-    """The usage of the period ending now: a point per bucket, the totals, and the top spenders."""
+    """The usage of the period ending now (from its first whole hour): a point per bucket, the totals,
+    and the top spenders — read from the rollup, so as fresh as its last run (a minute)."""
     length, width = PERIODS[period]
     until = now or timezone.now()
-    since = until - length
-    params = [_when(since), _when(until)]
-    vendor = _vendor_sql()
-    bucket_sql = vendor[width]
-    sql = (
-        f"SELECT {bucket_sql} AS bucket, COUNT(*), SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), "  # noqa: S608
-        f"SUM(input_tokens), SUM(output_tokens), {vendor['spend']} FROM {TABLE} "
-        "WHERE created_at >= %s AND created_at <= %s GROUP BY bucket"
-    )
-    points = {start: Point(start) for start in _buckets(since, until, width)}
-    for bucket, requests, errors, tokens_in, tokens_out, spend in _rows(sql, params):
-        point = points.setdefault(_bucket_start(bucket), Point(_bucket_start(bucket)))
-        point.requests, point.errors = int(requests), int(errors or 0)
-        point.input_tokens, point.output_tokens = int(tokens_in or 0), int(tokens_out or 0)
-        point.spend = _credits(spend)
-    for bucket, latency in _latency_percentiles(bucket_sql, params).items():
-        points[_bucket_start(bucket)].latency = dict(latency)
-    series = sorted(points.values(), key=lambda point: point.start)
+    since = _truncate(until - length, "hour")
+    step = timedelta(hours=1) if width == "hour" else timedelta(days=1)
+    points: dict[datetime, Point] = {}
+    start = _truncate(since, width)
+    while start <= until:
+        points[start] = Point(start)  # a quiet hour is a zero on the chart, not a gap
+        start += step
     totals = Point(since)
-    for point in series:
-        totals.requests += point.requests
-        totals.errors += point.errors
-        totals.input_tokens += point.input_tokens
-        totals.output_tokens += point.output_tokens
-        totals.spend += point.spend
-    totals.latency = dict(_latency_percentiles("'all'", params).get("all", {}))
+    for row in UsageRollup.objects.filter(dimension="all", hour__gte=since, hour__lte=until):
+        points[_truncate(row.hour, width)].add(row)
+        totals.add(row)
+    series = list(points.values())
+    for point in [*series, totals]:
+        point.latency = percentiles_from_bins(point.bins)
 
-    users = _top("user_id", params)
-    names = dict(User.objects.filter(pk__in=[u for u, _, _ in users]).values_list("pk", "username"))
-    keys = _top("api_key_id", params)
-    key_rows = {k.pk: k for k in ApiKey.objects.filter(pk__in=[k for k, _, _ in keys]).select_related("owner")}
+    users = _top("user", since, until)
+    names = dict(User.objects.filter(pk__in=[int(u) for u, _, _ in users]).values_list("pk", "username"))
+    keys = _top("key", since, until)
+    found = ApiKey.objects.filter(pk__in=[int(k) for k, _, _ in keys]).select_related("owner")
+    key_names = {str(k.pk): f"{k.prefix}… {k.name} ({k.owner})" for k in found}
     return Dashboard(
         period=period,
         since=since,
         until=until,
         points=series,
         totals=totals,
-        top_users=[Spender(names.get(u, f"user {u}"), n, s, u) for u, n, s in users],
-        top_keys=[
-            Spender(f"{key_rows[k].prefix}… {key_rows[k].name} ({key_rows[k].owner})" if k in key_rows else f"key {k}", n, s, k)
-            for k, n, s in keys
-        ],
-        top_models=[Spender(m, n, s, m) for m, n, s in _top("model_alias", params)],
+        top_users=[Spender(names.get(int(u), f"user {u}"), n, s, int(u)) for u, n, s in users],
+        top_keys=[Spender(key_names.get(k, f"key {k}"), n, s, int(k)) for k, n, s in keys],
+        top_models=[Spender(m, n, s, m) for m, n, s in _top("model", since, until)],
     )
 
 
@@ -266,7 +338,8 @@ def dashboard(period: str, *, now: datetime | None = None) -> Dashboard:
 
 
 def prune_request_log(*, now: datetime | None = None, batch_size: int = PRUNE_BATCH, max_batches: int = 200) -> int:
-    """Delete request-log rows older than GATEWAY_LOG_RETENTION_DAYS, a batch per statement; returns how many.
+    """Delete request-log rows older than GATEWAY_LOG_RETENTION_DAYS, a batch per statement, and the
+    rollup of their hours; returns how many log rows.
 
     A batch is one short DELETE in its own transaction, so writers of new rows never wait behind
     one long delete; a run stops after `max_batches` (the next run goes on where it stopped).
@@ -278,9 +351,9 @@ def prune_request_log(*, now: datetime | None = None, batch_size: int = PRUNE_BA
     deleted = 0
     for _ in range(max_batches):
         ids = list(
-            RequestLog.objects.filter(created_at__lt=cutoff).order_by("created_at").values_list("pk", flat=True)[
-                :batch_size
-            ]
+            RequestLog.objects.filter(created_at__lt=cutoff)
+            .order_by("created_at")
+            .values_list("pk", flat=True)[:batch_size]
         )
         if not ids:
             break
@@ -288,4 +361,6 @@ def prune_request_log(*, now: datetime | None = None, batch_size: int = PRUNE_BA
         deleted += count
         if len(ids) < batch_size:
             break
+    # The rollup of those hours goes with them (a few hundred rows an hour at most).
+    UsageRollup.objects.filter(hour__lt=cutoff - timedelta(hours=1)).delete()
     return deleted
