@@ -118,7 +118,6 @@ class UserAdmin(BillingUserAdmin):
     identity = (None, {"fields": ("username", "password")})
     personal = ("Personal info", {"fields": ("first_name", "last_name", "email")})
     dates = ("Important dates", {"fields": ("last_login", "date_joined")})
-    inlines = ()  # the keys are listed in the first section, with links
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
@@ -193,7 +192,9 @@ admin.site.unregister(ApiKey)
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(AccessApiKeyAdmin):
-    change_fieldsets = (("Usage", {"fields": ("spend",)}), *AccessApiKeyAdmin.change_fieldsets)
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        return fieldsets if obj is None else (("Usage", {"fields": ("spend",)}), *fieldsets)
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         fields = super().get_readonly_fields(request, obj)

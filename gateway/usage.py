@@ -27,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Sum
+from django.db.models import Max, Min, Sum
 from django.utils import timezone
 
 from accounts.models import ApiKey, User
@@ -180,18 +180,19 @@ def roll_up_usage(*, margin: int = ROLLUP_MARGIN, step: int = ROLLUP_STEP) -> in
     rows are inserted, and a batch that took its ids earlier may commit a moment later.
     """
     mark, _ = UsageRollupMark.objects.get_or_create(name="request_log")
-    top = RequestLog.objects.order_by("-id").values_list("id", flat=True).first()
-    if top is None:
+    ids = RequestLog.objects.aggregate(first=Min("id"), top=Max("id"))
+    if ids["top"] is None:
         return 0
+    top, start = ids["top"], max(mark.last_id, ids["first"] - 1)
     hour_sql = _rollup_sql()["hour"]
     # A run takes at most `step` new ids, so a first run over a long log ends inside the task's
     # timeout and the next one goes on from there.
-    upto = min(top, mark.last_id + step)
+    upto = min(top, start + step)
     touched = [
         row[0]
         for row in _rows(
             f"SELECT DISTINCT {hour_sql} FROM {TABLE} WHERE id > %s AND id <= %s",  # noqa: S608
-            [mark.last_id - margin, upto],
+            [start - margin, upto],
         )
     ]
     for bucket in touched:

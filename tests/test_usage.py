@@ -20,7 +20,7 @@ from accounts.models import ApiKey, User
 from accounts.services import create_api_key
 from billing.models import CreditTransaction, TransactionKind
 from gateway import tasks
-from gateway.models import RequestLog
+from gateway.models import RequestLog, UsageRollup
 from gateway.usage import LATENCY_BIN, dashboard, percentiles_from_bins, prune_request_log, roll_up_usage, spend_of
 
 _serial = iter(range(10**9))
@@ -313,6 +313,22 @@ def test_pruning_and_the_rollup_are_scheduled(db: None) -> None:
     assert pruning.schedule_type == Schedule.HOURLY and pruning.repeats == -1
     rollup = Schedule.objects.get(func="gateway.tasks.roll_up_usage")
     assert (rollup.schedule_type, rollup.minutes, rollup.repeats) == (Schedule.MINUTES, 1, -1)
+
+
+def test_a_long_log_is_rolled_up_over_several_runs(db: None) -> None:
+    now = timezone.now()
+    RequestLog.objects.bulk_create([log(now - timedelta(hours=h), cost=Decimal("1")) for h in range(5)])
+    assert [roll_up_usage(margin=0, step=2) for _ in range(4)] == [2, 2, 1, 0]
+    assert dashboard("24h").totals.spend == Decimal("5")
+
+
+def test_pruning_takes_the_rollup_of_pruned_hours_with_it(db: None, settings: Any) -> None:
+    settings.GATEWAY_LOG_RETENTION_DAYS = 30
+    now = timezone.now()
+    RequestLog.objects.bulk_create([log(now - timedelta(days=40)), log(now - timedelta(days=1))])
+    assert roll_up_usage() == 2
+    prune_request_log(now=now)
+    assert [r.hour.date() for r in UsageRollup.objects.filter(dimension="all")] == [(now - timedelta(days=1)).date()]
 
 
 def test_the_rollup_task_takes_in_new_rows(user_with_credits: User) -> None:
