@@ -9,6 +9,8 @@
     spend: [["credits", data.spend, colors.orange, true]],
     latency: [["p50", data.p50, colors.blue, false], ["p99", data.p99, colors.red, false]],
   };
+  // Latency has no value for a quiet hour: a lone busy hour between two quiet ones is a dot, not a line.
+  const dotted = { latency: true };
   function draw() {
     document.querySelectorAll("[data-chart]").forEach(function (box) {
       box.textContent = "";
@@ -20,7 +22,9 @@
           height: 200,
           tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
           series: [{}].concat(lines.map(function (line) {
-            return { label: line[0], stroke: line[2], width: 2, fill: line[3] ? line[2] + "22" : undefined, spanGaps: false };
+            const series = { label: line[0], stroke: line[2], width: 2, fill: line[3] ? line[2] + "22" : undefined };
+            if (dotted[box.dataset.chart]) series.points = { show: true, size: 6, fill: line[2] };
+            return series;
           })),
           axes: [{}, { size: 60 }],
         },
