@@ -17,6 +17,7 @@ Two things the ORM does not give alike on both databases are written in SQL here
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -26,13 +27,14 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Min, Sum
 from django.utils import timezone
 
 from accounts.models import ApiKey, User
 from gateway.models import RequestLog, UsageRollup, UsageRollupMark
 
+logger = logging.getLogger(__name__)
 TABLE = RequestLog._meta.db_table
 NANO_PER_CREDIT = 10**9
 # The dashboard's periods: how far back, and the width of a point on its charts.
@@ -50,20 +52,11 @@ ROLLUP_MARGIN = 10_000
 ROLLUP_STEP = 200_000
 
 
-def _vendor_sql() -> dict[str, str]:
-    """The expressions that differ by database: spend summed exactly, and a bucket as 'YYYY-MM-DD[ HH]'."""
+def _spend_sql() -> str:
+    """Credits summed exactly: NUMERIC on PostgreSQL; nano-credit integers on SQLite (it keeps decimals as REALs)."""
     if connection.vendor == "postgresql":
-        return {
-            "spend": "SUM(cost)",
-            "hour": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24')",
-            "day": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-        }
-    # SQLite stores aware datetimes as UTC text: a bucket is a prefix of it.
-    return {
-        "spend": f"SUM(CAST(ROUND(cost * {NANO_PER_CREDIT}) AS INTEGER))",
-        "hour": "substr(created_at, 1, 13)",
-        "day": "substr(created_at, 1, 10)",
-    }
+        return "SUM(cost)"
+    return f"SUM(CAST(ROUND(cost * {NANO_PER_CREDIT}) AS INTEGER))"
 
 
 def _credits(total: Any) -> Decimal:
@@ -103,7 +96,7 @@ def spend_of(*, user_id: int | None = None, api_key_id: int | None = None, now: 
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
     column, value = ("user_id", user_id) if user_id is not None else ("api_key_id", api_key_id)
-    spend = _vendor_sql()["spend"]
+    spend = _spend_sql()
     today_spend = spend.replace("cost", "CASE WHEN created_at >= %s THEN cost END")
     sql = (
         f"SELECT COUNT(*), SUM(CASE WHEN created_at >= %s THEN 1 ELSE 0 END), {spend}, {today_spend} "  # noqa: S608
@@ -127,7 +120,7 @@ def _rollup_sql() -> dict[str, str]:
             "bin": f"CAST(floor(ln(greatest(latency_ms, 0.01)) / ln({LATENCY_BIN})) AS INTEGER)",
         }
     return {
-        "spend_nano": _vendor_sql()["spend"],
+        "spend_nano": _spend_sql(),
         "hour": "substr(created_at, 1, 13) || ':00:00'",
         "empty_json": "'{}'",
         "bin": f"CAST(floor(ln(max(latency_ms, 0.01)) / ln({LATENCY_BIN})) AS INTEGER)",
@@ -197,8 +190,13 @@ def roll_up_usage(*, margin: int = ROLLUP_MARGIN, step: int = ROLLUP_STEP) -> in
     ]
     for bucket in touched:
         hour = bucket if isinstance(bucket, datetime) else _bucket_start(str(bucket)[:13])
-        with transaction.atomic():
-            _roll_up_hour(hour.astimezone(UTC))
+        try:
+            with transaction.atomic():
+                _roll_up_hour(hour.astimezone(UTC))
+        except IntegrityError:
+            # A run still going from the minute before rebuilds this hour at the same moment: its
+            # rows are as good as ours (the unique constraint let only one of us write them).
+            logger.info("The usage rollup of %s was being rebuilt by another run", hour)
     UsageRollupMark.objects.filter(pk=mark.pk).update(last_id=upto)
     return len(touched)
 
