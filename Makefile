@@ -13,8 +13,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The admin's browser tests drive Debian's chromium (playwright cannot download its own here).
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		{ echo "Install Debian's chromium (apt-get install chromium, as root) for tests/test_admin_browser.py" >&2; exit 1; }
 	touch $@
 
 install: $(VENV)/.installed

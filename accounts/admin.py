@@ -35,20 +35,6 @@ class UserForm(UserChangeForm):
             self.fields["access_groups"].initial = list(self.instance.access_groups.filter(is_builtin=False))
 
 
-class ApiKeyInline(admin.TabularInline):
-    """The user's keys, read-only here: keys are created from the API key page (the secret is shown once)."""
-
-    model = ApiKey
-    fields = ("prefix", "name", "purpose", "created_at", "expires_at", "revoked_at", "last_used_at")
-    readonly_fields = fields
-    extra = 0
-    show_change_link = True
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
     form = UserForm
@@ -61,7 +47,6 @@ class UserAdmin(DjangoUserAdmin):
         *(DjangoUserAdmin.fieldsets or ()),
         ("Access", {"fields": ("access_groups",)}),
     )
-    inlines = (ApiKeyInline,)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         return (
@@ -69,9 +54,6 @@ class UserAdmin(DjangoUserAdmin):
             .get_queryset(request)
             .annotate(group_count=Count("access_groups", filter=Q(access_groups__is_builtin=False), distinct=True))
         )
-
-    def get_inlines(self, request: HttpRequest, obj: User | None) -> Any:
-        return self.inlines if obj is not None else ()
 
     @admin.display(description="groups", ordering="group_count")
     def group_count(self, user: User) -> int:

@@ -215,6 +215,10 @@ if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
 # must bear it; without one, only loopback clients may read them.
 GATEWAY_METRICS = env_bool("GATEWAY_METRICS", False)
 GATEWAY_METRICS_TOKEN = os.environ.get("GATEWAY_METRICS_TOKEN", "")
+# Request-log rows older than this many days are deleted by a scheduled task (gateway/tasks.py,
+# in batches); 0 keeps them forever. The usage pages read the log: keep at least 31 days for a
+# month's figures.
+GATEWAY_LOG_RETENTION_DAYS = env_int("GATEWAY_LOG_RETENTION_DAYS", 90, minimum=0)
 # Django refuses larger bodies itself; the API enforces GATEWAY_MAX_BODY_BYTES with its own 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
 
@@ -275,7 +279,7 @@ Q_CLUSTER = {
 # --- django ---------------------------------------------------------------------------------
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "dwctl_site.admin_site.GatewayAdminConfig",  # django.contrib.admin with the site of dwctl_site/admin_site.py
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

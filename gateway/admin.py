@@ -377,4 +377,5 @@ class StoredFileAdmin(ReadOnlyAdmin):
         return queryset.filter(id=file_id), False
 
 
-from gateway import request_log_admin  # noqa: E402, F401  (registers the request log)
+# Registered by importing: the request log; the usage page and the user and key pages with their spend.
+from gateway import dashboard, request_log_admin  # noqa: E402, F401

@@ -7,6 +7,7 @@ from typing import Any
 
 from django_q.tasks import async_task
 
+from gateway import usage
 from gateway.worker import run_flex_jobs as _run
 
 logger = logging.getLogger(__name__)
@@ -33,3 +34,13 @@ def drain_on_spawn(**kwargs: Any) -> None:
         async_task("gateway.tasks.drain_flex_queue", q_options={"task_name": "flex drain"})
     except Exception:  # the worker must start regardless: the scheduled drain comes within a minute
         logger.exception("Could not enqueue a flex drain as the worker started")
+
+
+def prune_request_log() -> int:
+    """Scheduled: delete request-log rows past GATEWAY_LOG_RETENTION_DAYS. Returns how many."""
+    return usage.prune_request_log()
+
+
+def roll_up_usage() -> int:
+    """Scheduled: add the request-log rows written since the last run to the dashboard's hourly rollup."""
+    return usage.roll_up_usage()
