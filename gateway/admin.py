@@ -10,6 +10,8 @@ from django.contrib.admin.widgets import FilteredSelectMultiple
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from accounts.models import EVERYONE, AccessGroup
 from billing.models import PRICE, Tariff, Tier
@@ -339,8 +341,29 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
     list_select_related = ("owner",)
     list_filter = ("service_tier", "state", "background")
     search_fields = ("owner__username", "model_alias")
-    readonly_fields = ("public_id",)
+    readonly_fields = ("public_id", "loop_steps")
+    exclude = ("steps",)
     actions = ("cancel",)
+
+    @admin.display(description="steps of its loop")
+    def loop_steps(self, job: InferenceRequest) -> str:
+        """Each model call and tool call of a response with server tools, in order (gateway.loop)."""
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    step.get("kind"), step.get("name"), step.get("status") or "—", step.get("latency_ms", "—"),
+                    f"{step.get('input_tokens')} / {step.get('output_tokens')}" if step.get("kind") == "model" else "",
+                    step.get("error") or "",
+                )
+                for step in job.steps or []
+            ),
+        )  # fmt: skip
+        if not rows:
+            return "—"
+        head = "<tr><th>kind</th><th>name</th><th>status</th><th>ms</th><th>tokens in / out</th><th>error</th></tr>"
+        return format_html("<table>{}{}</table>", mark_safe(head), rows)  # noqa: S308  (a constant)
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
         # Jobs are history, not editable, but an operator who may change them may stop them.
@@ -377,4 +400,4 @@ class StoredFileAdmin(ReadOnlyAdmin):
         return queryset.filter(id=file_id), False
 
 
-from gateway import request_log_admin  # noqa: E402, F401  (registers the request log)
+from gateway import request_log_admin, tool_admin  # noqa: E402, F401  (register the request log, tools)
