@@ -108,6 +108,13 @@ def response_object(job: InferenceRequest) -> dict[str, Any]:
     }
     for name, default in REQUEST_DEFAULTS.items():
         payload[name] = request.get(name, upstream.get(name, default))
+    # A function tool as OpenAI describes it back: `strict` and `parameters` always there (null when not sent).
+    payload["tools"] = [
+        {"parameters": None, "strict": None, **tool}
+        if isinstance(tool, dict) and tool.get("type") == "function"
+        else tool
+        for tool in payload["tools"] or []
+    ]
     if usage is not None:
         payload["usage"] = usage
     return payload
