@@ -151,7 +151,6 @@ async def stream(call: GatewayCall) -> HttpResponseBase:
 
         started = response_object(job)
         yield numbered("response.created", response=started) + numbered("response.in_progress", response=started)
-        runner = asyncio.get_running_loop().create_task(run())
         placed = 0
         try:
             while True:
@@ -172,6 +171,10 @@ async def stream(call: GatewayCall) -> HttpResponseBase:
                 runner.cancel()  # the client left: the loop stops, what it made is billed
                 await asyncio.gather(runner, return_exceptions=True)
 
+    # Started at once: a client that leaves before reading anything still gets its loop run and recorded.
+    runner = asyncio.get_running_loop().create_task(run())
+    _running[job.id] = runner
+    runner.add_done_callback(lambda _: _running.pop(job.id, None))
     call.recorded = True  # by the loop, when it ends
     call.relaying = True
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
