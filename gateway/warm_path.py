@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from django.http import StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import admission, errors, flex
+from gateway import admission, clients, errors, flex
 from gateway.call import GatewayCall, Route
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
 from gateway.loop import Loop, LoopEnd
 from gateway.models import InferenceRequest, JobState
 from gateway.render import item_events, json_response, response_object
+from gateway.step_stream import Event, StepRelay
 from gateway.tools import Branch, warm_path_branch
 from gateway.translate import sse
-from gateway.upstream import UpstreamResult, call_upstream
+from gateway.upstream import UpstreamResult, answer_body, call_upstream, is_event_stream, open_upstream, translates
 from gateway.views import CLIENT_CLOSED, calls_model, record_call, respond, with_id
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,39 @@ def new_loop(call: GatewayCall) -> Loop:
 def model_caller(call: GatewayCall) -> Any:
     async def call_model(body: dict[str, Any]) -> UpstreamResult:
         return await call_upstream(call.served, call.path, body)
+
+    return call_model
+
+
+def streaming_caller(
+    call: GatewayCall, loop: Loop, emit: Callable[[list[Event]], None], streamed: set[str]
+) -> Callable[[dict[str, Any]], Awaitable[UpstreamResult]]:
+    """Model calls that stream: their events go to `emit` as they come (gateway.step_stream), and
+    the finished call is the loop's, as a blocking call's would be."""
+
+    async def call_model(body: dict[str, Any]) -> UpstreamResult:
+        started = time.perf_counter()
+        response = await open_upstream(call.served, call.path, {**body, "stream": True})
+        ttfb_ms = (time.perf_counter() - started) * 1000
+        try:
+            if not is_event_stream(response):
+                raw = answer_body(call.served, call.path, response.status, await response.read())
+                return UpstreamResult.of(response.status, raw, response.content_type, ttfb_ms)
+            relay = StepRelay(
+                offset=len(loop.output),
+                taken=loop.seen_ids,
+                translated=translates(call.served, call.path),
+                prefix=uuid.uuid4().hex,
+            )
+            async for chunk in response.iter_chunks():
+                emit(relay.feed(chunk))
+            emit(relay.close())
+        finally:
+            await response.close()
+        streamed.update(relay.streamed)
+        if relay.body is None:
+            raise clients.UpstreamUnreachable("The upstream's stream ended before its answer.")
+        return UpstreamResult.of(200, orjson.dumps(relay.body), "application/json", ttfb_ms)
 
     return call_model
 
@@ -110,21 +146,29 @@ async def blocking(call: GatewayCall) -> HttpResponseBase:
 
 
 async def stream(call: GatewayCall) -> HttpResponseBase:
-    """One SSE stream for the whole loop: every step's items as output items, as each step ends,
-    numbered on from one sequence."""
+    """One SSE stream for the whole loop: each model call's events as it streams, each tool call's
+    output as it comes, numbered on from one sequence."""
     job = await in_thread(
         create_job, **call.job_fields(call.requested_alias), state=JobState.PROCESSING, claimed_by=GATEWAY_PROCESS
     )
     loop = new_loop(call)
-    heard: asyncio.Queue[list[dict[str, Any]] | LoopEnd] = asyncio.Queue()
+    heard: asyncio.Queue[list[Event] | LoopEnd] = asyncio.Queue()
+    streamed: set[str] = set()  # ids of the items already sent as they streamed
+
+    async def hear(items: list[dict[str, Any]]) -> None:
+        offset = len(loop.output) - len(items)
+        events = [
+            event
+            for index, item in enumerate(items)
+            if item.get("id") not in streamed
+            for event in item_events(item, offset + index)
+        ]
+        heard.put_nowait(events)
 
     async def run() -> None:
-        async def hear(items: list[dict[str, Any]]) -> None:
-            heard.put_nowait(items)
-
         with admission.holding(call):
             try:
-                end = await loop.run(model_caller(call), heard=hear)
+                end = await loop.run(streaming_caller(call, loop, heard.put_nowait, streamed), heard=hear)
             except asyncio.CancelledError:
                 await finish(LoopEnd(CLIENT_CLOSED, None, loop.tokens, CLIENT_GONE))
                 raise
@@ -151,18 +195,13 @@ async def stream(call: GatewayCall) -> HttpResponseBase:
 
         started = response_object(job)
         yield numbered("response.created", response=started) + numbered("response.in_progress", response=started)
-        placed = 0
         try:
             while True:
                 got = await heard.get()
                 if isinstance(got, LoopEnd):
                     break
-                chunk = b""
-                for item in got:
-                    for kind, fields in item_events(item, placed):
-                        chunk += numbered(kind, **fields)
-                    placed += 1
-                yield chunk
+                if got:
+                    yield b"".join(numbered(kind, **fields) for kind, fields in got)
             final = response_object(await in_thread(InferenceRequest.objects.get, pk=job.id))
             status = final["status"] if final["status"] in ("completed", "incomplete") else "failed"
             yield numbered(f"response.{status}", response=final)

@@ -276,6 +276,12 @@ def test_a_streamed_loop_is_one_stream_of_every_steps_items(agents, user_with_cr
     assert added == ["function_call", "function_call_output", "function_call", "function_call_output", "message"]
     final = events[-1]["response"]
     assert [item["type"] for item in final["output"]] == added
+    done = [event["item"] for event in events if event["type"] == "response.output_item.done"]
+    assert done == final["output"]  # the ids streamed are the ids kept, though the upstream repeats its own
+    deltas = [event["delta"] for event in events if event["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == final["output"][-1]["content"][0]["text"]
+    if endpoint == "native":
+        assert len(deltas) == 2  # the upstream's own deltas, relayed as they came
     assert final["usage"]["input_tokens"] == 3 * PROMPT_TOKENS
     assert len(billed(final["id"], 3)) == 3
 

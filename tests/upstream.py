@@ -120,6 +120,36 @@ def calls_in(entry: Any) -> int:
     return len(entry.get("tool_calls") or [])
 
 
+def item_events(outputs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The events that stream a Responses answer's items (arguments and text in two deltas each)."""
+    events = []
+    for index, item in enumerate(outputs):
+        place = {"item_id": item["id"], "output_index": index}
+        added = {**item, "status": "in_progress", **({"content": []} if item["type"] == "message" else {})}
+        if item["type"] == "function_call":
+            added["arguments"] = ""
+        events.append(("response.output_item.added", {"output_index": index, "item": added}))
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            events.append(("response.content_part.added", {**place, "content_index": 0, "part": part}))
+            for piece in (text[: len(text) // 2], text[len(text) // 2 :]):
+                events.append(
+                    ("response.output_text.delta", {**place, "content_index": 0, "delta": piece, "logprobs": []})
+                )
+            events.append(("response.output_text.done", {**place, "content_index": 0, "text": text, "logprobs": []}))
+            events.append(("response.content_part.done", {**place, "content_index": 0, "part": item["content"][0]}))
+        else:
+            arguments = item["arguments"]
+            for piece in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+                events.append(("response.function_call_arguments.delta", {**place, "delta": piece}))
+            events.append(
+                ("response.function_call_arguments.done", {**place, "name": item["name"], "arguments": arguments})
+            )
+        events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    return [(kind, {"type": kind, **fields}) for kind, fields in events]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -313,10 +343,12 @@ class FakeUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         created = {**completed, "status": "in_progress", "output": [], "usage": None}
-        events = [
-            ("response.created", {"type": "response.created", "sequence_number": 0, "response": created}),
-            ("response.completed", {"type": "response.completed", "sequence_number": 1, "response": completed}),
-        ]
+        events = [("response.created", {"type": "response.created", "response": created})]
+        if body["model"] == "agent":  # item by item, as OpenAI streams them
+            events += item_events(outputs)
+        events.append(("response.completed", {"type": "response.completed", "response": completed}))
+        for number, (_, data) in enumerate(events):
+            data["sequence_number"] = number
         for name, data in events:
             await response.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n")
         return response
