@@ -18,12 +18,13 @@ from common.limits import rate_limit_errors
 class UnreadableCredentials(ValueError):
     """Stored upstream credentials that no key of GATEWAY_ENCRYPTION_KEYS decrypts."""
 
-    def __init__(self, endpoints: Iterable[str]) -> None:
+    def __init__(self, endpoints: Iterable[str], kind: str = "endpoint") -> None:
         self.endpoints = sorted(endpoints)
         names = ", ".join(f"'{name}'" for name in self.endpoints)
+        what = "upstream credential" if kind == "endpoint" else "credential"
         super().__init__(
-            f"No key in GATEWAY_ENCRYPTION_KEYS decrypts the upstream credential of "
-            f"endpoint{'s' if len(self.endpoints) != 1 else ''} {names}: put back the key it was encrypted "
+            f"No key in GATEWAY_ENCRYPTION_KEYS decrypts the {what} of "
+            f"{kind}{'s' if len(self.endpoints) != 1 else ''} {names}: put back the key it was encrypted "
             "with (after the first), or enter the credential again."
         )
 
@@ -201,7 +202,13 @@ class Tool(models.Model):
         self.api_key_encrypted = encrypt(credential) if credential else ""
 
     def decrypt_credential(self) -> str:
-        return decrypt(self.api_key_encrypted) if self.api_key_encrypted else ""
+        """The clear credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
+        if not self.api_key_encrypted:
+            return ""
+        try:
+            return decrypt(self.api_key_encrypted)
+        except UndecryptableToken:
+            raise UnreadableCredentials([self.name], kind="tool") from None
 
 
 class JobState(models.TextChoices):

@@ -314,6 +314,24 @@ def test_a_background_loop_answers_202_and_is_polled_to_its_end(agents, user_wit
     assert len(billed(started.id, 3)) == 3
 
 
+def test_a_background_streamed_loop_is_followed_to_its_end(agents, user_with_credits, make_key):
+    secret = make_key(user_with_credits)
+    body = {"model": "agent-translated", "input": "plan: lookup", "stream": True, "background": True}
+
+    with conforming_client(timeout=30) as http:
+        reply = http.post(f"{agents.url}/ai/v1/responses", json=body, headers={"Authorization": f"Bearer {secret}"})
+
+    events = assert_stream_conforms(reply.content, "ResponseStreamEvent")
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    final = events[-1]
+    assert final["type"] == "response.completed"
+    assert [item["type"] for item in final["response"]["output"]] == [
+        "function_call",
+        "function_call_output",
+        "message",
+    ]
+
+
 def test_cancelling_a_background_loop_stops_it(agents, tool_server, user_with_credits, make_key):
     tool_server.hold_seconds = 2.0  # the first step's tool is still running when the cancel comes
     client = agents.client(make_key(user_with_credits))
