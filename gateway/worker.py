@@ -250,7 +250,8 @@ class Runner:
             async with asyncio.timeout(max(remaining, 0.001)):
                 end = await loop.run(call_model)
         except TimeoutError:
-            await self.settle(job, model, 504, None, DEADLINE_MESSAGE, started, steps=loop.steps)
+            made = tuple(call.tokens for call in loop.model_calls)  # the calls it finished are billed
+            await self.settle(job, model, 504, None, DEADLINE_MESSAGE, started, steps=loop.steps, model_calls=made)
             return
         body = end.body
         if end.status < 400 and isinstance(body, dict):
