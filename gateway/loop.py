@@ -3,7 +3,8 @@
 model call → run every server-tool call of that step (concurrently) → append the calls and their
 outputs → model call again … until a step calls no server tool. A step that calls a client tool
 (one the gateway does not own) ends the loop: its function_call items go back to the client, as
-OpenAI returns them, so client-side agent loops keep working. At most ``max_model_calls`` model
+OpenAI returns them, so client-side agent loops keep working (the server's calls of that step are
+run first, so the client's follow-up holds every call's output). At most ``max_model_calls`` model
 calls (per model); reaching the cap ends the response ``incomplete``.
 
 Blocking, streamed and background calls (gateway.warm_path) and flex jobs (gateway.worker) all run
@@ -96,12 +97,17 @@ class Loop:
             if isinstance(payload, dict) and payload.get("status") == "incomplete":
                 return self.end(payload.get("incomplete_details"))
             calls = [item for item in items if item.get("type") == "function_call"]
-            if not calls or any(item.get("name") not in self.owned for item in calls):
-                return self.end()  # the model answered, or a client tool's call goes back to the client
-            outputs = await asyncio.gather(*(self.run_call(item) for item in calls))
+            if not calls:
+                return self.end()  # the model answered
+            ours = [item for item in calls if item.get("name") in self.owned]
+            outputs = await asyncio.gather(*(self.run_call(item) for item in ours))
             self.output.extend(outputs)
-            if heard is not None:
+            if heard is not None and outputs:
                 await heard(list(outputs))
+            if len(ours) < len(calls):
+                # A client tool's call goes back to the client, with the outputs of the server's
+                # calls of the same step: its follow-up then holds every call's output.
+                return self.end()
             if len(self.model_calls) >= cap:
                 self.steps.append({"kind": "cap", "name": f"stopped after {cap} model calls"})
                 return self.end({"reason": CAP_REASON}, error=f"Stopped after {cap} model calls, the model's cap.")

@@ -198,6 +198,24 @@ def test_a_client_tool_call_ends_the_loop_and_goes_back_to_the_client(
     assert len(agent_calls(agents)) == 2
 
 
+def test_a_step_calling_a_client_and_a_server_tool_runs_the_servers_and_returns_the_clients(
+    agents, tool_server, user_with_credits, make_key
+):
+    client = agents.client(make_key(user_with_credits))
+
+    response = client.responses.create(
+        model="agent-native",
+        input="plan: lookup+get_weather",
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+
+    assert kinds(response.output) == ["function_call", "function_call", "function_call_output"]
+    assert [item.name for item in response.output[:2]] == ["lookup", "get_weather"]  # type: ignore[union-attr]
+    assert response.output[2].call_id == response.output[0].call_id  # type: ignore[union-attr]
+    assert [call["path"] for call in tool_server.calls] == ["lookup"]
+    assert len(agent_calls(agents)) == 1
+
+
 def test_a_client_tool_named_like_a_server_tool_is_the_clients(agents, tool_server, user_with_credits, make_key):
     client = agents.client(make_key(user_with_credits))
     own_lookup = {"type": "function", "name": "lookup", "parameters": LOOKUP_PARAMETERS}
