@@ -143,6 +143,7 @@ class DeployedModelForm(forms.ModelForm):
             "endpoint",
             "kind",
             *MODEL_LIMITS,
+            "max_model_calls",
             "deleted_at",
         )
 
@@ -151,6 +152,7 @@ class DeployedModelForm(forms.ModelForm):
         self.fields[
             "flex_input_price"
         ].help_text = "Credits per 1M tokens. With no flex price, flex uses the real-time one."
+        self.fields["max_model_calls"].required = False  # left blank: the default
         if self.instance.pk:
             self.initial["access_groups"] = list(self.instance.access_groups.all())
             for tariff in Tariff.objects.current().filter(model=self.instance):
@@ -158,6 +160,10 @@ class DeployedModelForm(forms.ModelForm):
                     input_name, output_name = PRICE_FIELDS[tariff.tier]  # type: ignore[index]
                     self.initial[input_name] = tariff.input_price
                     self.initial[output_name] = tariff.output_price
+
+    def clean_max_model_calls(self) -> int:
+        given = self.cleaned_data.get("max_model_calls")
+        return given if given is not None else DeployedModel._meta.get_field("max_model_calls").default
 
     def price_changes(self) -> dict[str, tuple[Decimal, Decimal]]:
         """The tiers whose price was set or changed, with the new (input, output) price."""
@@ -248,6 +254,7 @@ class DeployedModelAdmin(admin.ModelAdmin):
                     "tokens_per_minute",
                     ("capacity", "flex_concurrency"),
                     "max_output_tokens",
+                    "max_model_calls",
                 ),
                 "description": "Empty means no limit. A burst needs a rate. Tokens count input plus output.",
             },

@@ -82,3 +82,16 @@ def test_the_snapshot_holds_each_models_tools_for_its_groups(world, user_with_cr
     assert (tool.name, tool.headers) == ("lookup", {"Authorization": "Bearer s3cret"})
     assert snapshot.tools_for(outsider.id, model) == ()
     assert snapshot.tools_for(user_with_credits.id, snapshot.models["free-model"]) == ()
+
+
+def test_a_models_cap_of_model_calls_is_set_in_its_admin(staff_client, world):
+    from django.urls import reverse
+
+    from gateway.models import DeployedModel
+    from tests.test_admin import form_data
+
+    url = reverse("admin:gateway_deployedmodel_change", args=[world.paid.pk])
+    data = {**form_data(staff_client.get(url)), "max_model_calls": "4"}
+
+    assert staff_client.post(url, data).status_code == 302
+    assert DeployedModel.objects.get(pk=world.paid.pk).max_model_calls == 4
