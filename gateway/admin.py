@@ -349,7 +349,7 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
     list_filter = ("service_tier", "state", "background")
     search_fields = ("owner__username", "model_alias")
     readonly_fields = ("public_id", "loop_steps")
-    exclude = ("steps",)
+    exclude = ("steps", "loop_state")
     actions = ("cancel",)
 
     @admin.display(description="steps of its loop")

@@ -70,6 +70,21 @@ class Loop:
         self.owned = owned(self.request, self.tools)
         self.seen_ids: set[str] = set()
 
+    def progress(self) -> dict[str, Any]:
+        """What a run again needs to go on from the last finished step (a JSON object)."""
+        calls = [[call.status, *call.tokens] for call in self.model_calls]
+        return {"output": self.output, "model_calls": calls, "usage": self.usage, "steps": self.steps}
+
+    def resume(self, progress: Any) -> None:
+        """Go on from a :meth:`progress` an earlier run left (nothing to do for none)."""
+        if not isinstance(progress, dict):
+            return
+        self.output = list(progress.get("output") or [])
+        self.model_calls = [ModelCall(status, (i, o), None) for status, i, o in progress.get("model_calls") or []]
+        self.usage = dict(progress.get("usage") or {})
+        self.steps = [*(progress.get("steps") or []), {"kind": "resumed", "name": "run again from here"}]
+        self.seen_ids = {str(item.get("id")) for item in self.output if isinstance(item, dict)}
+
     @property
     def tokens(self) -> Tokens:
         if not self.model_calls or all(call.tokens[0] is None for call in self.model_calls):
@@ -82,9 +97,11 @@ class Loop:
         *,
         heard: ItemsHeard | None = None,
         stopped: Callable[[], Awaitable[bool]] | None = None,
+        finished_step: Callable[[], Awaitable[None]] | None = None,
     ) -> LoopEnd:
-        """Run the loop to its end; `heard` gets each step's items as they come, and `stopped` is
-        asked between steps whether the response was cancelled meanwhile."""
+        """Run the loop to its end; `heard` gets each step's items as they come, `stopped` is asked
+        between steps whether the response was cancelled meanwhile, and `finished_step` hears each
+        step that ends with another to come (a flex job keeps its :meth:`progress` then)."""
         cap = self.model.max_model_calls
         while True:
             result = await self.call(call_model)
@@ -113,6 +130,8 @@ class Loop:
                 return self.end({"reason": CAP_REASON}, error=f"Stopped after {cap} model calls, the model's cap.")
             if stopped is not None and await stopped():
                 return LoopEnd(499, None, self.tokens, "Cancelled between steps.", cancelled=True)
+            if finished_step is not None:
+                await finished_step()
 
     async def call(self, call_model: ModelCaller) -> UpstreamResult | LoopEnd:
         """One model call with everything so far as its input; a failed one ends the loop failed."""

@@ -280,6 +280,9 @@ class InferenceRequest(models.Model):
     cost = models.DecimalField(**AMOUNT, null=True, blank=True)
     # A response with server tools: each model call and tool call of its loop (gateway.loop).
     steps = models.JSONField(default=list, blank=True)
+    # A flex loop's progress after its last finished step (gateway.loop.Loop.progress): a job run
+    # again after its worker died resumes from there, and bills the model calls it lists.
+    loop_state = models.JSONField(null=True, blank=True)
     claimed_by = models.CharField(max_length=200, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     # A flex worker holds its claim only while it renews this lease; once it lapses any worker may take

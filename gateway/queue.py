@@ -155,6 +155,12 @@ def renew_leases(worker: str, job_ids: list[uuid.UUID]) -> int:
     return held.update(lease_expires_at=until)
 
 
+def keep_loop_progress(worker: str, job_id: uuid.UUID, progress: dict[str, Any]) -> int:
+    """Keep a flex loop's progress on its job while this worker still runs it; returns the row count."""
+    held = InferenceRequest.objects.filter(pk=job_id, claimed_by=worker, state=JobState.PROCESSING)
+    return held.update(loop_state=progress, steps=progress["steps"], updated_at=timezone.now())
+
+
 def is_retryable(status: int) -> bool:
     return status in RETRYABLE_STATUSES or status >= 500
 

@@ -43,6 +43,7 @@ from gateway.queue import (
     RETRY_MAX_SECONDS,
     Outcome,
     claim_jobs,
+    keep_loop_progress,
     release_jobs,
     renew_leases,
     settle_jobs,
@@ -246,9 +247,14 @@ class Runner:
         async def call_model(body: dict[str, Any]) -> UpstreamResult:
             return await call_upstream(model, job.path, body)
 
+        async def finished_step() -> None:
+            # A run again (this worker died, or the job is retried) goes on from here.
+            await in_thread(keep_loop_progress, self.name, job.id, loop.progress())
+
+        loop.resume(job.loop_state)
         try:
             async with asyncio.timeout(max(remaining, 0.001)):
-                end = await loop.run(call_model)
+                end = await loop.run(call_model, finished_step=finished_step)
         except TimeoutError:
             made = tuple(call.tokens for call in loop.model_calls)  # the calls it finished are billed
             await self.settle(job, model, 504, None, DEADLINE_MESSAGE, started, steps=loop.steps, model_calls=made)

@@ -19,7 +19,17 @@ from gateway.services import add_endpoint, add_model, add_tool
 from gateway.snapshot import ToolEntry
 from gateway.tools import Branch, merged_tools, warm_path_branch
 from tests.conformance import assert_stream_conforms, conforming_client
-from tests.conftest import FLEX_COST, FLEX_IN, FLEX_OUT, PRICE_IN, PRICE_OUT, REALTIME_COST, balance_of, wait_for
+from tests.conftest import (
+    FLEX_COST,
+    FLEX_IN,
+    FLEX_OUT,
+    PRICE_IN,
+    PRICE_OUT,
+    REALTIME_COST,
+    WorkerThread,
+    balance_of,
+    wait_for,
+)
 from tests.upstream import AGENT_DONE, COMPLETION_TOKENS, PROMPT_TOKENS, ToolServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -379,6 +389,31 @@ def test_the_flex_worker_runs_the_same_loop_and_bills_each_call_at_the_flex_tari
     job = InferenceRequest.objects.get(pk=uuid.UUID(response.id.removeprefix("resp_")))
     assert job.cost == 3 * FLEX_COST
     assert [step["kind"] for step in job.steps] == ["model", "tool", "model", "tool", "model"]
+
+
+def test_a_flex_loop_run_again_goes_on_from_its_last_finished_step(agents, tool_server, user_with_credits, make_key):
+    client = agents.client(make_key(user_with_credits))
+    tool_server.hold_seconds = 30  # the second step's lookup is still running when its worker stops
+    started = client.responses.create(
+        model="agent-native", input="plan: plain, lookup", service_tier="flex", background=True
+    )
+    job_id = uuid.UUID(started.id.removeprefix("resp_"))
+    with WorkerThread():
+        wait_for(lambda: [call["path"] for call in tool_server.calls] == ["text", "lookup"], timeout=20)
+    assert InferenceRequest.objects.get(pk=job_id).state == "pending"  # given back, its first step kept
+    tool_server.hold_seconds = 0.0
+
+    with WorkerThread():
+        done = wait_for(lambda: (r := client.responses.retrieve(started.id)).status == "completed" and r, timeout=20)
+
+    assert done.output_text == f"{AGENT_DONE} {LOOKED_UP}"  # type: ignore[attr-defined]
+    assert [call["path"] for call in tool_server.calls] == ["text", "lookup", "lookup"]  # `plain` not run again
+    # Model calls 1 and 2 by the first worker, 2 again and 3 by the second: the first is not repeated.
+    assert len(agent_calls(agents)) == 4
+    charges = billed(started.id, 3)  # calls 1, 2 again and 3: a step that never finished is not billed
+    assert all(charge.amount == FLEX_COST for charge in charges)
+    kinds_of_steps = [step["kind"] for step in InferenceRequest.objects.get(pk=job_id).steps]
+    assert kinds_of_steps == ["model", "tool", "resumed", "model", "tool", "model"]
 
 
 # --- an agent framework ------------------------------------------------------------------------
