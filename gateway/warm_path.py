@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -24,7 +24,7 @@ from gateway import admission, clients, errors, flex
 from gateway.call import GatewayCall, Route
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
-from gateway.loop import Loop, LoopEnd
+from gateway.loop import Loop, LoopEnd, ModelCaller
 from gateway.models import InferenceRequest, JobState
 from gateway.render import item_events, json_response, response_object
 from gateway.step_stream import Event, StepRelay
@@ -43,7 +43,7 @@ def new_loop(call: GatewayCall) -> Loop:
     return Loop(call.served, call.body, call.tools, call.request_id)
 
 
-def model_caller(call: GatewayCall) -> Any:
+def model_caller(call: GatewayCall) -> ModelCaller:
     async def call_model(body: dict[str, Any]) -> UpstreamResult:
         return await call_upstream(call.served, call.path, body)
 
@@ -52,7 +52,7 @@ def model_caller(call: GatewayCall) -> Any:
 
 def streaming_caller(
     call: GatewayCall, loop: Loop, emit: Callable[[list[Event]], None], streamed: set[str]
-) -> Callable[[dict[str, Any]], Awaitable[UpstreamResult]]:
+) -> ModelCaller:
     """Model calls that stream: their events go to `emit` as they come (gateway.step_stream), and
     the finished call is the loop's, as a blocking call's would be."""
 
