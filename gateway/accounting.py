@@ -25,6 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.models import ApiKey
@@ -69,6 +70,9 @@ class CallRecord:
     error_code: str = ""  # the code of the OpenAI error it was answered with
     key_prefix: str = ""  # the first characters of the key it presented
     client_ip: str | None = None
+    # A model call of a response's loop (gateway.loop): its number from 1, each charged on its own
+    # (the first as any single call is); 0 for a call that is not part of a loop.
+    step: int = 0
 
     @classmethod
     def from_line(cls, line: list[Any] | dict[str, Any]) -> CallRecord:
@@ -96,8 +100,16 @@ class CallRecord:
 
     @property
     def source_id(self) -> str:
-        """The ledger's idempotency key: a recorded call is charged under its job's id."""
-        return str(self.job_id) if self.job_id is not None else self.request_id
+        """The ledger's idempotency key: a recorded call is charged under its job's id, a loop's
+        later model calls under the job's id and their number."""
+        if self.job_id is None:
+            return self.request_id
+        return f"{self.job_id}:{self.step}" if self.step > 1 else str(self.job_id)
+
+
+def step_request_id(request_id: str, step: int) -> str:
+    """The request id a loop's model call is logged under: the response's own for the first."""
+    return f"{request_id}.{step}" if step > 1 else request_id
 
 
 def journal_line(
@@ -123,6 +135,7 @@ def journal_line(
     error_code: str = "",
     key_prefix: str = "",
     client_ip: str | None = None,
+    step: int = 0,
 ) -> tuple[Any, ...]:
     """A finished real-time call as its journal line: CallRecord's fields in their order, the start
     as a POSIX time, the job id as hex. A tuple, not a record: built and written on every call."""
@@ -149,6 +162,7 @@ def journal_line(
         error_code,
         key_prefix,
         client_ip,
+        step,
     )
 
 
@@ -248,9 +262,18 @@ def account(records: list[CallRecord]) -> dict[str, Decimal]:
         ],
         skip_conflicts=True,
     )
+    looped: dict[uuid.UUID, int] = {}
     for r in records:
-        if r.job_id is not None and r.request_id in costs:
+        if r.job_id is not None and r.step:
+            looped[r.job_id] = max(looped.get(r.job_id, 0), r.step)
+        elif r.job_id is not None and r.request_id in costs:
             InferenceRequest.objects.filter(pk=r.job_id).update(cost=costs[r.request_id])
+    for job_id, last in looped.items():
+        # A loop's cost is the sum of its model calls' (written in any order, any number of times).
+        ids = [f"req_{step_request_id(job_id.hex, step)}" for step in range(1, last + 1)]
+        total = RequestLog.objects.filter(request_id__in=ids).aggregate(total=Sum("cost"))["total"]
+        if total is not None:
+            InferenceRequest.objects.filter(pk=job_id).update(cost=total)
     key_ids = {r.api_key_id for r in records if r.api_key_id is not None}
     if key_ids:
         # A plain UPDATE: no signal, so last-used times never invalidate the auth snapshot.

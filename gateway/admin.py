@@ -10,6 +10,8 @@ from django.contrib.admin.widgets import FilteredSelectMultiple
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from accounts.models import EVERYONE, AccessGroup
 from billing.models import PRICE, Tariff, Tier
@@ -141,6 +143,7 @@ class DeployedModelForm(forms.ModelForm):
             "endpoint",
             "kind",
             *MODEL_LIMITS,
+            "max_model_calls",
             "deleted_at",
         )
 
@@ -149,6 +152,7 @@ class DeployedModelForm(forms.ModelForm):
         self.fields[
             "flex_input_price"
         ].help_text = "Credits per 1M tokens. With no flex price, flex uses the real-time one."
+        self.fields["max_model_calls"].required = False  # left blank: the default
         if self.instance.pk:
             self.initial["access_groups"] = list(self.instance.access_groups.all())
             for tariff in Tariff.objects.current().filter(model=self.instance):
@@ -156,6 +160,10 @@ class DeployedModelForm(forms.ModelForm):
                     input_name, output_name = PRICE_FIELDS[tariff.tier]  # type: ignore[index]
                     self.initial[input_name] = tariff.input_price
                     self.initial[output_name] = tariff.output_price
+
+    def clean_max_model_calls(self) -> int:
+        given = self.cleaned_data.get("max_model_calls")
+        return given if given is not None else DeployedModel._meta.get_field("max_model_calls").default
 
     def price_changes(self) -> dict[str, tuple[Decimal, Decimal]]:
         """The tiers whose price was set or changed, with the new (input, output) price."""
@@ -246,6 +254,7 @@ class DeployedModelAdmin(admin.ModelAdmin):
                     "tokens_per_minute",
                     ("capacity", "flex_concurrency"),
                     "max_output_tokens",
+                    "max_model_calls",
                 ),
                 "description": "Empty means no limit. A burst needs a rate. Tokens count input plus output.",
             },
@@ -339,8 +348,29 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
     list_select_related = ("owner",)
     list_filter = ("service_tier", "state", "background")
     search_fields = ("owner__username", "model_alias")
-    readonly_fields = ("public_id",)
+    readonly_fields = ("public_id", "loop_steps")
+    exclude = ("steps", "loop_state")
     actions = ("cancel",)
+
+    @admin.display(description="steps of its loop")
+    def loop_steps(self, job: InferenceRequest) -> str:
+        """Each model call and tool call of a response with server tools, in order (gateway.loop)."""
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    step.get("kind"), step.get("name"), step.get("status") or "—", step.get("latency_ms", "—"),
+                    f"{step.get('input_tokens')} / {step.get('output_tokens')}" if step.get("kind") == "model" else "",
+                    step.get("error") or "",
+                )
+                for step in job.steps or []
+            ),
+        )  # fmt: skip
+        if not rows:
+            return "—"
+        head = "<tr><th>kind</th><th>name</th><th>status</th><th>ms</th><th>tokens in / out</th><th>error</th></tr>"
+        return format_html("<table>{}{}</table>", mark_safe(head), rows)  # noqa: S308  (a constant)
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
         # Jobs are history, not editable, but an operator who may change them may stop them.
@@ -377,5 +407,5 @@ class StoredFileAdmin(ReadOnlyAdmin):
         return queryset.filter(id=file_id), False
 
 
-# Registered by importing: the request log; the usage page and the user and key pages with their spend.
-from gateway import dashboard, request_log_admin  # noqa: E402, F401
+# Registered by importing: the request log, tools; the usage page and the user and key pages with their spend.
+from gateway import dashboard, request_log_admin, tool_admin  # noqa: E402, F401

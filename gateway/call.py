@@ -10,7 +10,7 @@ from typing import Any
 
 from django.http import HttpRequest
 
-from gateway.snapshot import KeyEntry, ModelEntry
+from gateway.snapshot import KeyEntry, ModelEntry, ToolEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,7 @@ class GatewayCall:
     model: ModelEntry | None = None  # the model served (after a redirect)
     requested_alias: str = ""
     route: Route = Route.REALTIME
+    tools: tuple[ToolEntry, ...] = ()  # the server tools offered on a /responses call (gateway.tools)
     body_bytes: int = 0  # the size of the request body, for estimating its input tokens
     hold: Any = None  # the credits it holds while in flight (gateway.budget.Hold)
     client_request_id: str = ""  # what the client sent as X-Client-Request-Id, stored with its record

@@ -72,10 +72,15 @@ def build_job(
 
 
 def outcome_fields(
-    status: int, body: Any, *, tokens: tuple[int | None, int | None] = (None, None), error: str = ""
+    status: int,
+    body: Any,
+    *,
+    tokens: tuple[int | None, int | None] = (None, None),
+    error: str = "",
+    steps: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The stored fields of a call's outcome: its state, status, body, tokens and error."""
-    return {
+    """The stored fields of a call's outcome: its state, status, body, tokens, error (and a loop's steps)."""
+    fields = {
         "state": JobState.COMPLETED if status < 400 else JobState.FAILED,
         "response_status": status,
         "response_body": body,
@@ -83,6 +88,9 @@ def outcome_fields(
         "output_tokens": tokens[1],
         "error": error[:2000],
     }
+    if steps is not None:
+        fields["steps"] = steps
+    return fields
 
 
 def failure_fields(status: int, message: str, code: str) -> dict[str, Any]:
@@ -96,10 +104,17 @@ def failure_fields(status: int, message: str, code: str) -> dict[str, Any]:
 
 
 def finished_response(
-    *, status: int, body: Any, tokens: tuple[int | None, int | None], **fields: Any
+    *,
+    status: int,
+    body: Any,
+    tokens: tuple[int | None, int | None],
+    error: str = "",
+    steps: list[dict[str, Any]] | None = None,
+    **fields: Any,
 ) -> InferenceRequest:
     """The record of a finished real-time /responses call, not yet saved."""
-    return build_job(**fields, **outcome_fields(status, body, tokens=tokens), completed_at=timezone.now())
+    outcome = outcome_fields(status, body, tokens=tokens, error=error, steps=steps)
+    return build_job(**fields, **outcome, completed_at=timezone.now())
 
 
 def record_response(**fields: Any) -> InferenceRequest:
@@ -116,9 +131,10 @@ def finish_job(
     body: Any,
     tokens: tuple[int | None, int | None] = (None, None),
     error: str = "",
+    steps: list[dict[str, Any]] | None = None,
 ) -> bool:
     """Store a job's outcome unless it already finished (e.g. was cancelled). Returns whether it was stored."""
-    outcome = outcome_fields(status, body, tokens=tokens, error=error)
+    outcome = outcome_fields(status, body, tokens=tokens, error=error, steps=steps)
     return InferenceRequest.objects.filter(pk=job_id).finish(**outcome) == 1
 
 

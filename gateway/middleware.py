@@ -131,6 +131,8 @@ class TierRoutingMiddleware(AsyncMiddleware):
         assert isinstance(decision, Authorized)
         call.model = decision.model
         call.requested_alias = decision.requested_alias
+        if path == "responses":
+            call.tools = snapshot.tools_for(key.user_id, decision.model)
         # One step (one round trip with Redis): limits, credits, a capacity slot; nothing taken on a refusal.
         refusal = await admission.admit(call)
         if refusal is not None:

@@ -18,12 +18,13 @@ from common.limits import rate_limit_errors
 class UnreadableCredentials(ValueError):
     """Stored upstream credentials that no key of GATEWAY_ENCRYPTION_KEYS decrypts."""
 
-    def __init__(self, endpoints: Iterable[str]) -> None:
+    def __init__(self, endpoints: Iterable[str], kind: str = "endpoint") -> None:
         self.endpoints = sorted(endpoints)
         names = ", ".join(f"'{name}'" for name in self.endpoints)
+        what = "upstream credential" if kind == "endpoint" else "credential"
         super().__init__(
-            f"No key in GATEWAY_ENCRYPTION_KEYS decrypts the upstream credential of "
-            f"endpoint{'s' if len(self.endpoints) != 1 else ''} {names}: put back the key it was encrypted "
+            f"No key in GATEWAY_ENCRYPTION_KEYS decrypts the {what} of "
+            f"{kind}{'s' if len(self.endpoints) != 1 else ''} {names}: put back the key it was encrypted "
             "with (after the first), or enter the credential again."
         )
 
@@ -140,6 +141,9 @@ class DeployedModel(models.Model):
         null=True, blank=True, help_text="Output bound reserved for a call that sets none (credit reservations)."
     )
     flex_concurrency = models.PositiveIntegerField(default=10, help_text="Max concurrent queued (flex) calls.")
+    max_model_calls = models.PositiveIntegerField(
+        default=10, help_text="Most model calls one /v1/responses request with server tools makes before it stops."
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     deleted_at = models.DateTimeField(null=True, blank=True, help_text="Set to retire the model (soft delete).")
 
@@ -150,6 +154,7 @@ class DeployedModel(models.Model):
         verbose_name = "model"
         constraints = [
             models.CheckConstraint(condition=Q(flex_concurrency__gt=0), name="model_flex_concurrency_positive"),
+            models.CheckConstraint(condition=Q(max_model_calls__gt=0), name="model_max_model_calls_positive"),
             models.CheckConstraint(
                 condition=Q(burst_size__isnull=True) | Q(requests_per_second__isnull=False),
                 name="model_burst_needs_rate",
@@ -164,6 +169,46 @@ class DeployedModel(models.Model):
         errors = rate_limit_errors(self, MODEL_LIMITS)
         if errors:
             raise ValidationError(errors)
+
+
+class Tool(models.Model):
+    """A server-side tool: an HTTP endpoint the gateway calls when a model asks for it (gateway.tools)."""
+
+    name = models.CharField(max_length=64, unique=True, help_text="The function name the model calls.")
+    description = models.TextField(blank=True)
+    parameters = models.JSONField(default=dict, help_text="The JSON schema of the call's arguments (an object).")
+    url = models.URLField(max_length=500, help_text="The gateway POSTs the call's arguments here.")
+    # Write-only and encrypted, like an endpoint's credential.
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    timeout_seconds = models.PositiveIntegerField(default=30)
+    groups = models.ManyToManyField("accounts.AccessGroup", blank=True, related_name="tools")
+    # Last: from here on `models` in this class body is the field, not django.db.models.
+    models = models.ManyToManyField(DeployedModel, blank=True, related_name="tools")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(timeout_seconds__gt=0), name="tool_timeout_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def has_credential(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+    def set_credential(self, credential: str) -> None:
+        self.api_key_encrypted = encrypt(credential) if credential else ""
+
+    def decrypt_credential(self) -> str:
+        """The clear credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
+        if not self.api_key_encrypted:
+            return ""
+        try:
+            return decrypt(self.api_key_encrypted)
+        except UndecryptableToken:
+            raise UnreadableCredentials([self.name], kind="tool") from None
 
 
 class JobState(models.TextChoices):
@@ -233,6 +278,11 @@ class InferenceRequest(models.Model):
     input_tokens = models.PositiveIntegerField(null=True, blank=True)
     output_tokens = models.PositiveIntegerField(null=True, blank=True)
     cost = models.DecimalField(**AMOUNT, null=True, blank=True)
+    # A response with server tools: each model call and tool call of its loop (gateway.loop).
+    steps = models.JSONField(default=list, blank=True)
+    # A flex loop's progress after its last finished step (gateway.loop.Loop.progress): a job run
+    # again after its worker died resumes from there, and bills the model calls it lists.
+    loop_state = models.JSONField(null=True, blank=True)
     claimed_by = models.CharField(max_length=200, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     # A flex worker holds its claim only while it renews this lease; once it lapses any worker may take

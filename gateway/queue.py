@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from billing.models import Balance, Tier
 from gateway import metrics
-from gateway.accounting import CallRecord, account
+from gateway.accounting import CallRecord, account, step_request_id
 from gateway.budget import to_nanos
 from gateway.errors import (
     BALANCE_TOO_LOW_MESSAGE,
@@ -155,6 +155,12 @@ def renew_leases(worker: str, job_ids: list[uuid.UUID]) -> int:
     return held.update(lease_expires_at=until)
 
 
+def keep_loop_progress(worker: str, job_id: uuid.UUID, progress: dict[str, Any]) -> int:
+    """Keep a flex loop's progress on its job while this worker still runs it; returns the row count."""
+    held = InferenceRequest.objects.filter(pk=job_id, claimed_by=worker, state=JobState.PROCESSING)
+    return held.update(loop_state=progress, steps=progress["steps"], updated_at=timezone.now())
+
+
 def is_retryable(status: int) -> bool:
     return status in RETRYABLE_STATUSES or status >= 500
 
@@ -172,6 +178,8 @@ class Outcome:
     error: str = ""
     latency_ms: float = 0.0
     endpoint: str = ""  # the name of the endpoint called, if one was
+    steps: list[dict[str, Any]] | None = None  # a loop's steps (gateway.loop), for the record
+    model_calls: tuple[tuple[int | None, int | None], ...] = ()  # a loop's model calls: the tokens of each
 
     @property
     def tokens(self) -> tuple[int | None, int | None]:
@@ -194,6 +202,21 @@ class Outcome:
             output_tokens=self.output_tokens,
             job_id=job.id,
         )
+
+    def records(self, job: InferenceRequest) -> list[CallRecord]:
+        """The calls that finished `job`: one, or each model call of its loop, billed on its own."""
+        if not self.model_calls:
+            return [self.record(job)]
+        records = []
+        for number, (input_tokens, output_tokens) in enumerate(self.model_calls, start=1):
+            record = self.record(job)
+            record.request_id = step_request_id(job.id.hex, number)
+            record.step = number
+            record.input_tokens, record.output_tokens = input_tokens, output_tokens
+            if number < len(self.model_calls):
+                record.status_code, record.latency_ms = 200, 0.0
+            records.append(record)
+        return records
 
 
 def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | None]:
@@ -220,8 +243,9 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
                 continue
             states[job.id] = _retry(job, outcome, now) or _finish(job, outcome, now)
             if states[job.id] != JobState.PENDING:
-                records.append(outcome.record(job))
-                ended.append(outcome)
+                for record in outcome.records(job):
+                    records.append(record)
+                    ended.append(outcome)
         account(records)
     count_key_tokens(records)  # once committed: a key's tokens per minute counts its flex calls too
     for record, outcome in zip(records, ended, strict=True):
@@ -230,7 +254,7 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
             record.tier,
             record.status_code,
             record.latency_ms / 1000,
-            tokens=outcome.tokens,
+            tokens=(record.input_tokens, record.output_tokens),
             endpoint=outcome.endpoint,
         )
     return states
@@ -261,7 +285,7 @@ def _finish(job: InferenceRequest, outcome: Outcome, now: datetime) -> str:
     error = outcome.error
     if is_retryable(outcome.status):
         error = f"{error or f'The upstream answered {outcome.status}'}; no time left to retry before the deadline."
-    fields = outcome_fields(outcome.status, outcome.body, tokens=outcome.tokens, error=error)
+    fields = outcome_fields(outcome.status, outcome.body, tokens=outcome.tokens, error=error, steps=outcome.steps)
     InferenceRequest.objects.filter(pk=job.pk).finish(**fields)
     return str(fields["state"])
 

@@ -108,6 +108,13 @@ def response_object(job: InferenceRequest) -> dict[str, Any]:
     }
     for name, default in REQUEST_DEFAULTS.items():
         payload[name] = request.get(name, upstream.get(name, default))
+    # A function tool as OpenAI describes it back: `strict` and `parameters` always there (null when not sent).
+    payload["tools"] = [
+        {"parameters": None, "strict": None, **tool}
+        if isinstance(tool, dict) and tool.get("type") == "function"
+        else tool
+        for tool in payload["tools"] or []
+    ]
     if usage is not None:
         payload["usage"] = usage
     return payload
@@ -230,25 +237,31 @@ def response_events(response: dict[str, Any]) -> list[dict[str, Any]]:
     emit("response.created", response=started)
     emit("response.in_progress", response=started)
     for output_index, item in enumerate(response.get("output") or []):
-        if not isinstance(item, dict):
-            continue
-        item_id = item.get("id", "")
-        parts = item.get("content") if item.get("type") == "message" else None
-        emit(
-            "response.output_item.added",
-            output_index=output_index,
-            item={**item, "status": "in_progress", **({"content": []} if parts is not None else {})},
-        )
-        for content_index, part in enumerate(parts or []):
-            place = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
-            if part.get("type") == "output_text":
-                emit("response.content_part.added", **place, part={**part, "text": ""})
-                emit("response.output_text.delta", **place, delta=part.get("text", ""), logprobs=[])
-                emit("response.output_text.done", **place, text=part.get("text", ""), logprobs=[])
-            else:
-                emit("response.content_part.added", **place, part=part)
-            emit("response.content_part.done", **place, part=part)
-        emit("response.output_item.done", output_index=output_index, item=item)
+        for kind, fields in item_events(item, output_index):
+            emit(kind, **fields)
     ending = {"completed": "completed", "incomplete": "incomplete"}.get(response.get("status", ""), "failed")
     emit(f"response.{ending}", response=response)
+    return events
+
+
+def item_events(item: Any, output_index: int) -> list[tuple[str, dict[str, Any]]]:
+    """The events (type, fields; not yet numbered) that stream one output item of a response."""
+    if not isinstance(item, dict):
+        return []
+    events: list[tuple[str, dict[str, Any]]] = []
+    item_id = item.get("id", "")
+    parts = item.get("content") if item.get("type") == "message" else None
+    added = {**item, "status": "in_progress", **({"content": []} if parts is not None else {})}
+    events.append(("response.output_item.added", {"output_index": output_index, "item": added}))
+    for content_index, part in enumerate(parts or []):
+        place = {"item_id": item_id, "output_index": output_index, "content_index": content_index}
+        if part.get("type") == "output_text":
+            events.append(("response.content_part.added", {**place, "part": {**part, "text": ""}}))
+            text = part.get("text", "")
+            events.append(("response.output_text.delta", {**place, "delta": text, "logprobs": []}))
+            events.append(("response.output_text.done", {**place, "text": text, "logprobs": []}))
+        else:
+            events.append(("response.content_part.added", {**place, "part": part}))
+        events.append(("response.content_part.done", {**place, "part": part}))
+    events.append(("response.output_item.done", {"output_index": output_index, "item": item}))
     return events

@@ -3,9 +3,10 @@ them, and the models' limits."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
@@ -17,7 +18,15 @@ from billing.models import Tier
 from billing.services import create_user, set_tariff
 from common.limits import save_validated
 from gateway.demo import demo_credential
-from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, ResponsesApi, decrypt_credentials
+from gateway.models import (
+    MODEL_LIMITS,
+    DeployedModel,
+    Endpoint,
+    ModelKind,
+    ResponsesApi,
+    Tool,
+    decrypt_credentials,
+)
 
 
 @transaction.atomic
@@ -59,11 +68,16 @@ def rotate_credentials() -> int:
     # Locked, so an edit made meanwhile is not overwritten with the credential read here.
     endpoints = list(Endpoint.objects.select_for_update().exclude(api_key_encrypted=""))
     credentials = decrypt_credentials(endpoints)
+    tools = list(Tool.objects.select_for_update().exclude(api_key_encrypted=""))
+    tool_credentials = {tool.pk: tool.decrypt_credential() for tool in tools}
     for endpoint in endpoints:
         endpoint.set_credential(credentials[endpoint.pk])
+    for tool in tools:
+        tool.set_credential(tool_credentials[tool.pk])
     # No post_save: the clear credentials, all the auth snapshot holds, have not changed.
     Endpoint.objects.bulk_update(endpoints, ["api_key_encrypted"])
-    return len(endpoints)
+    Tool.objects.bulk_update(tools, ["api_key_encrypted"])
+    return len(endpoints) + len(tools)
 
 
 @transaction.atomic
@@ -105,6 +119,62 @@ def add_model(
     for group in attach:
         group.models.add(model)
     return model
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what OpenAI accepts as a function's name
+
+
+def tool_parameters_error(parameters: Any) -> str | None:
+    """Why a tool's parameters are not a JSON schema of an object, if they are not."""
+    if not isinstance(parameters, dict):
+        return 'The parameters must be a JSON schema object, e.g. {"type": "object", "properties": {}}.'
+    if parameters.get("type") != "object":
+        return 'The parameters must be the JSON schema of an object: its "type" must be "object".'
+    if not isinstance(parameters.get("properties", {}), dict):
+        return 'The parameters\' "properties" must be an object.'
+    return None
+
+
+@transaction.atomic
+def add_tool(
+    name: str,
+    url: str,
+    *,
+    description: str,
+    parameters: dict[str, Any],
+    api_key: str | None = None,
+    timeout_seconds: int | None = None,
+    models: Iterable[str] = (),
+    groups: Iterable[str] = (),
+) -> tuple[Tool, bool]:
+    """Register a server tool, or update the one with this name; attach it to models and groups.
+    All or nothing: an unknown model alias or a bad field writes nothing."""
+    if not TOOL_NAME.match(name):
+        raise ValidationError(f"'{name}' is not a valid tool name: use 1 to 64 letters, digits, '_' or '-'.")
+    try:
+        URLValidator(schemes=["http", "https"])(url)
+    except ValidationError:
+        raise ValidationError(f"'{url}' is not a valid tool URL: use http(s)://host[:port]/path.") from None
+    problem = tool_parameters_error(parameters)
+    if problem:
+        raise ValidationError(problem)
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise ValidationError(f"The timeout must be a positive number of seconds, not {timeout_seconds}.")
+    aliases = list(models)
+    found = {model.alias: model for model in DeployedModel.objects.live().filter(alias__in=aliases)}
+    missing = [alias for alias in aliases if alias not in found]
+    if missing:
+        raise ValidationError(f"No model with alias {', '.join(repr(alias) for alias in missing)}.")
+    tool, created = Tool.objects.get_or_create(name=name, defaults={"url": url})
+    tool.url, tool.description, tool.parameters = url, description, parameters
+    if api_key is not None:
+        tool.set_credential(api_key)
+    if timeout_seconds is not None:
+        tool.timeout_seconds = timeout_seconds
+    tool.save()
+    tool.models.add(*found.values())
+    tool.groups.add(*ensure_groups(groups))
+    return tool, created
 
 
 class ModelLimits(TypedDict, total=False):

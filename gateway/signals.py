@@ -12,7 +12,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from accounts.models import AccessGroup, ApiKey, User
 from billing.models import Balance, Tariff
 from billing.signals import balance_changed
-from gateway.models import DeployedModel, Endpoint
+from gateway.models import DeployedModel, Endpoint, Tool
 from routing_rules.models import TrafficRule
 
 
@@ -22,10 +22,10 @@ def _changed(**kwargs) -> None:  # type: ignore[no-untyped-def]
     transaction.on_commit(mark_changed)
 
 
-for model in (ApiKey, AccessGroup, User, DeployedModel, Endpoint, Tariff, TrafficRule):
+for model in (ApiKey, AccessGroup, User, DeployedModel, Endpoint, Tariff, TrafficRule, Tool):
     post_save.connect(_changed, sender=model, dispatch_uid=f"snapshot-save-{model.__name__}")
     post_delete.connect(_changed, sender=model, dispatch_uid=f"snapshot-delete-{model.__name__}")
-for through in (AccessGroup.members.through, AccessGroup.models.through):
+for through in (AccessGroup.members.through, AccessGroup.models.through, Tool.models.through, Tool.groups.through):
     m2m_changed.connect(_changed, sender=through, dispatch_uid=f"snapshot-m2m-{through.__name__}")
 
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -25,7 +26,7 @@ from billing.models import Tariff, to_picos
 from billing.services import paid_tiers, prices_at
 from gateway import metrics
 from gateway.db import in_thread
-from gateway.models import DeployedModel, ResponsesApi, SnapshotVersion, decrypt_credentials
+from gateway.models import DeployedModel, ResponsesApi, SnapshotVersion, Tool, decrypt_credentials
 from routing_rules.models import RuleAction, TrafficRule
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,30 @@ class ModelEntry:
     flex_concurrency: int
     created: int
     tokens_per_minute: int | None = None
+    max_model_calls: int = 10  # of one /v1/responses request with server tools (gateway.loop)
     max_output_tokens: int | None = None
     # tier -> (input, output) pico-credits per token (= micro-credits per 1M tokens: exact, prices
     # have six decimals), for the tiers it has a price at: credit admission prices in integers
     prices: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEntry:
+    """A server-side tool as the request path runs it (gateway.tools): its credential in clear."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    url: str
+    headers: dict[str, str]
+    timeout_seconds: float
+    group_ids: frozenset[int]
+    public: bool  # attached to Everyone
+
+    @property
+    def function(self) -> dict[str, Any]:
+        """The tool as a Responses function tool, as the model is offered it."""
+        return {"type": "function", "name": self.name, "description": self.description, "parameters": self.parameters}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +107,17 @@ class Snapshot:
     models: dict[str, ModelEntry] = field(default_factory=dict)
     user_groups: dict[int, frozenset[int]] = field(default_factory=dict)
     keys_by_id: dict[int, KeyEntry] = field(default_factory=dict)
+    tools: dict[int, tuple[ToolEntry, ...]] = field(default_factory=dict)  # by model id
 
     def can_access(self, user_id: int, model: ModelEntry) -> bool:
         return model.public or not model.group_ids.isdisjoint(self.user_groups.get(user_id, ()))
+
+    def tools_for(self, user_id: int, model: ModelEntry) -> tuple[ToolEntry, ...]:
+        """The server tools offered on a call: attached to its model and to one of its caller's groups."""
+        groups = self.user_groups.get(user_id, frozenset())
+        return tuple(
+            tool for tool in self.tools.get(model.id, ()) if tool.public or not tool.group_ids.isdisjoint(groups)
+        )
 
 
 def read_version() -> str:
@@ -184,6 +213,7 @@ def build_snapshot() -> Snapshot:
             created=int(model.created_at.timestamp()),
             tokens_per_minute=model.tokens_per_minute,
             max_output_tokens=model.max_output_tokens,
+            max_model_calls=model.max_model_calls,
         )
     return Snapshot(
         version=version,
@@ -191,7 +221,34 @@ def build_snapshot() -> Snapshot:
         keys_by_id={key.id: key for key in keys.values()},
         models=models,
         user_groups={user_id: frozenset(ids) for user_id, ids in user_groups.items()},
+        tools=build_tools(set(live), everyone.id),
     )
+
+
+def build_tools(live: set[int], everyone_id: int) -> dict[int, tuple[ToolEntry, ...]]:
+    """The server tools of each live model, by model id (three queries)."""
+    tool_groups: dict[int, set[int]] = {}
+    for tool_id, group_id in Tool.groups.through.objects.values_list("tool_id", "accessgroup_id"):
+        tool_groups.setdefault(tool_id, set()).add(group_id)
+    entries = {}
+    for tool in Tool.objects.all():
+        credential = tool.decrypt_credential()
+        groups = tool_groups.get(tool.id, set())
+        entries[tool.id] = ToolEntry(
+            name=tool.name,
+            description=tool.description,
+            parameters=tool.parameters,
+            url=tool.url,
+            headers={"Authorization": f"Bearer {credential}"} if credential else {},
+            timeout_seconds=float(tool.timeout_seconds),
+            group_ids=frozenset(groups - {everyone_id}),
+            public=everyone_id in groups,
+        )
+    tools: dict[int, list[ToolEntry]] = {}
+    for tool_id, model_id in Tool.models.through.objects.values_list("tool_id", "deployedmodel_id"):
+        if model_id in live and tool_id in entries:
+            tools.setdefault(model_id, []).append(entries[tool_id])
+    return {model_id: tuple(sorted(found, key=lambda t: t.name)) for model_id, found in tools.items()}
 
 
 def mark_changed() -> None:

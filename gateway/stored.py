@@ -10,7 +10,7 @@ from typing import Any
 
 from django.http.response import HttpResponseBase
 
-from gateway import errors, flex, jobs, views
+from gateway import errors, flex, jobs, views, warm_path
 from gateway.call import GatewayRequest
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.models import InferenceRequest, JobState
@@ -63,6 +63,7 @@ async def response_detail(request: GatewayRequest, job: InferenceRequest) -> Htt
     if request.method == "DELETE":
         await in_thread(jobs.delete_job, job)
         views.stop_background(job.id)
+        warm_path.stop(job.id)
         return json_response({"id": job.public_id, "object": "response", "deleted": True})
     if request.GET.get("stream") in ("true", "1"):
         after = request.GET.get("starting_after", "-1")
@@ -77,6 +78,7 @@ async def response_cancel(request: GatewayRequest, job: InferenceRequest) -> Htt
     job = await in_thread(jobs.cancel_job, job)
     if job.state == JobState.CANCELED:
         views.stop_background(job.id)
+        warm_path.stop(job.id)
     return json_response(response_object(job))
 
 

@@ -1,11 +1,11 @@
 from django.urls import path
 
-from gateway import files, stored, views
+from gateway import files, stored, views, warm_path
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="chat-completions"),
     path("embeddings", views.embeddings, name="embeddings"),
-    path("responses", views.responses, name="responses"),
+    path("responses", warm_path.responses, name="responses"),
     path("responses/<str:response_id>", stored.response_detail, name="response-detail"),
     path("responses/<str:response_id>/cancel", stored.response_cancel, name="response-cancel"),
     path("responses/<str:response_id>/input_items", stored.response_input_items, name="response-input-items"),

@@ -24,7 +24,7 @@ from django.http.response import HttpResponseBase
 from django.utils import timezone
 
 from gateway import admission, budget, clients, errors, flex, metrics
-from gateway.accounting import accountant, journal_line
+from gateway.accounting import accountant, journal_line, step_request_id
 from gateway.call import GatewayCall, GatewayRequest, Route
 from gateway.db import DATABASE_ERRORS, in_thread
 from gateway.jobs import GATEWAY_PROCESS, create_job, finish_job, finished_response
@@ -63,12 +63,18 @@ def record_call(
     ttfb_ms: float | None = None,
     estimated: bool = False,
     job: dict[str, Any] | None = None,
+    step: int = 0,
+    committed: int | None = None,
 ) -> None:
     """Hand a finished call to accounting (priced, charged and logged in the next batch); its exact
-    cost replaces its credit reservation, and its slot and tokens go back with it."""
+    cost replaces its credit reservation, and its slot and tokens go back with it.
+
+    A model call of a loop (`step` from 1) comes with what it leaves `committed` (gateway.warm_path
+    settles the whole loop once, with its last call)."""
     model = call.served
     call.recorded = True
-    committed = admission.finish(call, tokens, billed=status < 400)
+    if committed is None:
+        committed = admission.finish(call, tokens, billed=status < 400)
     metrics.observe_call(
         model.alias,
         call.tier,
@@ -80,7 +86,7 @@ def record_call(
     )
     accountant.add(
         journal_line(
-            request_id=call.request_id,
+            request_id=step_request_id(call.request_id, step),
             user_id=call.key.user_id,
             api_key_id=call.key.id,
             model_id=model.id,
@@ -98,6 +104,7 @@ def record_call(
             committed=committed,
             job=job,
             client_request_id=call.client_request_id,
+            step=step,
         )
     )
 
@@ -126,10 +133,12 @@ def calls_model(
             logger.warning("The database is unavailable: answered 503", exc_info=True)
             return errors.database_unavailable()
         except asyncio.CancelledError:
-            record_call(call, CLIENT_CLOSED)
+            if not call.recorded:
+                record_call(call, CLIENT_CLOSED)
             raise
         except BaseException:
-            record_call(call, 500)
+            if not call.recorded:
+                record_call(call, 500)
             raise
 
     return serve
@@ -257,8 +266,8 @@ def with_id(payload: Any, job_id: uuid.UUID) -> Any:
     return payload
 
 
-@calls_model
-async def responses(call: GatewayCall) -> HttpResponseBase:
+async def respond(call: GatewayCall) -> HttpResponseBase:
+    """A /responses call with no server tool: one model call (the loop's are gateway.warm_path)."""
     job_id = uuid.UUID(call.request_id)
     if call.route == Route.BACKGROUND:
         return await start_background(call, job_id)

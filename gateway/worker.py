@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 from django_q.conf import Conf
@@ -36,11 +37,13 @@ from gateway.accounting import accountant
 from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
+from gateway.loop import Loop
 from gateway.models import InferenceRequest
 from gateway.queue import (
     RETRY_MAX_SECONDS,
     Outcome,
     claim_jobs,
+    keep_loop_progress,
     release_jobs,
     renew_leases,
     settle_jobs,
@@ -48,7 +51,7 @@ from gateway.queue import (
     sweep_jobs,
 )
 from gateway.snapshot import ModelEntry, Snapshot, get_snapshot
-from gateway.upstream import call_upstream, error_message, failure_of, parse_json
+from gateway.upstream import UpstreamResult, call_upstream, error_message, failure_of, parse_json
 
 logger = logging.getLogger(__name__)
 # Fields of the client's request that only the gateway reads: the worker's call is a plain one.
@@ -206,6 +209,10 @@ class Runner:
         # Never past the job's deadline; the hard stop cancels the call itself (see give_back).
         remaining = job.deadline.timestamp() - time.time() if job.deadline else model.endpoint.timeout_seconds + 1
         started = time.perf_counter()
+        tools = self.snapshot.tools_for(job.owner_id, model) if job.path == "responses" else ()
+        if tools:
+            await self.run_loop(job, model, Loop(model, body, tools, job.id.hex), remaining, started)
+            return
         try:
             async with asyncio.timeout(max(remaining, 0.001)):
                 result = await call_upstream(model, job.path, body)
@@ -231,6 +238,35 @@ class Runner:
             payload["id"] = job.public_id
         await self.settle(job, model, result.status, payload, "", started, tokens=result.tokens)
 
+    async def run_loop(
+        self, job: InferenceRequest, model: ModelEntry, loop: Loop, remaining: float, started: float
+    ) -> None:
+        """A flex /responses job with server tools: the same loop as a realtime call (gateway.loop),
+        each model call billed on its own when the job settles."""
+
+        async def call_model(body: dict[str, Any]) -> UpstreamResult:
+            return await call_upstream(model, job.path, body)
+
+        async def finished_step() -> None:
+            # A run again (this worker died, or the job is retried) goes on from here.
+            await in_thread(keep_loop_progress, self.name, job.id, loop.progress())
+
+        loop.resume(job.loop_state)
+        try:
+            async with asyncio.timeout(max(remaining, 0.001)):
+                end = await loop.run(call_model, finished_step=finished_step)
+        except TimeoutError:
+            made = tuple(call.tokens for call in loop.model_calls)  # the calls it finished are billed
+            await self.settle(job, model, 504, None, DEADLINE_MESSAGE, started, steps=loop.steps, model_calls=made)
+            return
+        body = end.body
+        if end.status < 400 and isinstance(body, dict):
+            body["id"] = job.public_id
+        calls = tuple(made.tokens for made in loop.model_calls)
+        await self.settle(
+            job, model, end.status, body, end.error, started, tokens=end.tokens, steps=loop.steps, model_calls=calls
+        )
+
     async def settle(
         self,
         job: InferenceRequest,
@@ -240,6 +276,8 @@ class Runner:
         error: str,
         started: float | None = None,
         tokens: tuple[int | None, int | None] = (None, None),
+        steps: list[dict[str, Any]] | None = None,
+        model_calls: tuple[tuple[int | None, int | None], ...] = (),
     ) -> None:
         if body is None and status >= 400:
             body = error_envelope(status, error, code="upstream_error")
@@ -253,6 +291,8 @@ class Runner:
             error=error,
             latency_ms=(time.perf_counter() - started) * 1000 if started is not None else 0.0,
             endpoint=model.endpoint.name if model else "",
+            steps=steps,
+            model_calls=model_calls,
         )
         settled: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.outcomes.append((outcome, settled))
@@ -265,7 +305,9 @@ class Runner:
             self.retries_until = time.monotonic() - self.started + RETRY_HORIZON_SECONDS
         hold = self.holds.pop(job.id, None)
         if hold is not None:
-            charged = budget.cost_nanos(model, job.service_tier, tokens) if model and state == "completed" else 0
+            charged = 0
+            if model is not None and state == "completed":
+                charged = sum(budget.cost_nanos(model, job.service_tier, used) for used in model_calls or (tokens,))
             await budget.release_job(hold, charged)
 
     async def write_outcomes(self) -> None:

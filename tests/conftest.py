@@ -193,10 +193,10 @@ class World:
 
 def settle() -> None:
     """Let the gateway finish this test's background work and write its usage before the next test."""
-    from gateway import views
+    from gateway import views, warm_path
     from gateway.accounting import accountant
 
-    wait_for(lambda: not views._background, timeout=15)
+    wait_for(lambda: not views._background and not warm_path._running, timeout=15)
     accountant.flush()
 
 

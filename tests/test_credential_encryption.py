@@ -140,3 +140,32 @@ def test_the_migration_encrypts_a_clear_credential_and_back():
         assert stored_row("legacy")["api_key"] == CREDENTIAL
     finally:
         migrate(MigrationExecutor(connection).loader.graph.leaf_nodes())
+
+
+@pytest.mark.django_db
+def test_rotation_reencrypts_tool_credentials_too(settings):
+    from gateway.models import Tool
+    from gateway.services import add_tool
+
+    tool, _ = add_tool("lookup", URL, description="d", parameters={"type": "object"}, api_key=CREDENTIAL)
+    before = tool.api_key_encrypted
+
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY, *settings.GATEWAY_ENCRYPTION_KEYS]
+    call_command("rotate_encryption_key", stdout=StringIO())
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY]
+
+    tool = Tool.objects.get(name="lookup")
+    assert tool.api_key_encrypted != before
+    assert tool.decrypt_credential() == CREDENTIAL
+
+
+@pytest.mark.django_db
+def test_a_tool_credential_no_key_decrypts_is_named(settings):
+    from gateway.models import UnreadableCredentials
+    from gateway.services import add_tool
+
+    tool, _ = add_tool("lookup", URL, description="d", parameters={"type": "object"}, api_key=CREDENTIAL)
+    settings.GATEWAY_ENCRYPTION_KEYS = [NEW_KEY]
+
+    with pytest.raises(UnreadableCredentials, match="credential of tool 'lookup'"):
+        tool.decrypt_credential()
