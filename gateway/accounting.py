@@ -69,6 +69,7 @@ class CallRecord:
     error_code: str = ""  # the code of the OpenAI error it was answered with
     key_prefix: str = ""  # the first characters of the key it presented
     client_ip: str | None = None
+    completion_window: str = ""  # a batch line's window: it is priced at that window's batch tariff
 
     @classmethod
     def from_line(cls, line: list[Any] | dict[str, Any]) -> CallRecord:
@@ -160,7 +161,7 @@ def price(records: list[CallRecord]) -> dict[str, Decimal]:
         tariffs.setdefault(version.model_id, []).append(version)
     return {
         r.request_id: cost_of(
-            select_tariff(tariffs.get(r.model_id or 0, ()), r.tier, r.started_at),
+            select_tariff(tariffs.get(r.model_id or 0, ()), r.tier, r.started_at, r.completion_window),
             r.input_tokens or 0,
             r.output_tokens or 0,
         )

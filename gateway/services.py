@@ -9,6 +9,7 @@ from typing import TypedDict, Unpack
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
+from django.conf import settings
 from django.db import transaction
 
 from accounts.models import AccessGroup, ApiKey, User
@@ -77,10 +78,16 @@ def add_model(
     output_price: Decimal | str | None = None,
     flex_input_price: Decimal | str | None = None,
     flex_output_price: Decimal | str | None = None,
+    batch_input_price: Decimal | str | None = None,
+    batch_output_price: Decimal | str | None = None,
+    batch_windows: Iterable[str] | None = None,
     public: bool = False,
     groups: Iterable[str] = (),
 ) -> DeployedModel:
-    """Deploy a model with its prices (credits per 1M tokens) and group access, all or nothing."""
+    """Deploy a model with its prices (credits per 1M tokens) and group access, all or nothing.
+
+    A batch price applies to each of `batch_windows` (default: every completion window).
+    """
     if not alias.strip():
         raise ValidationError("The model alias cannot be empty.")
     if kind not in ModelKind.values:
@@ -90,13 +97,15 @@ def add_model(
     model = DeployedModel.objects.create(
         alias=alias, upstream_model=upstream_model or alias, endpoint=endpoint, kind=kind
     )
-    for tier, prices in (
-        (Tier.REALTIME, (input_price, output_price)),
-        (Tier.FLEX, (flex_input_price, flex_output_price)),
+    windows = list(settings.GATEWAY_BATCH_WINDOWS if batch_windows is None else batch_windows)
+    for tier, window, prices in (
+        (Tier.REALTIME, "", (input_price, output_price)),
+        (Tier.FLEX, "", (flex_input_price, flex_output_price)),
+        *((Tier.BATCH, window, (batch_input_price, batch_output_price)) for window in windows),
     ):
         if any(price is not None for price in prices):
             try:
-                set_tariff(model, tier=tier, input_price=prices[0] or 0, output_price=prices[1] or 0)
+                set_tariff(model, tier=tier, window=window, input_price=prices[0] or 0, output_price=prices[1] or 0)
             except ValueError as exc:
                 raise ValidationError(str(exc)) from None
     attach = list(ensure_groups(groups))
