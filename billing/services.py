@@ -207,6 +207,7 @@ def select_tariff(tariffs: Iterable[Tariff], tier: str, at: datetime, window: st
         for t in tariffs
         if t.valid_from <= at and (t.valid_until is None or t.valid_until > at)
     }
+    chain: list[tuple[str, str]]
     if tier == Tier.BATCH:
         chain = [(Tier.BATCH, window), (Tier.FLEX, ""), (Tier.REALTIME, "")]
     elif tier == Tier.FLEX:

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import TypedDict, Unpack
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.conf import settings
 from django.db import transaction
 
 from accounts.models import AccessGroup, ApiKey, User
