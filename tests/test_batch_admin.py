@@ -125,6 +125,6 @@ def test_add_model_names_an_unknown_window(db):  # type: ignore[no-untyped-def]
     from django.core.management.base import CommandError
 
     add_endpoint("local", "http://127.0.0.1:9/v1")
-    with pytest.raises(CommandError, match="Unknown completion window '2h': use one of 24h, 1h."):
+    with pytest.raises(CommandError, match=r"Unknown completion window '2h': use one of 24h, 1h\."):
         call_command("add_model", "a", "--endpoint", "local", "--batch-input-price", "1", "--batch-window", "2h")
     assert not DeployedModel.objects.exists()
