@@ -303,3 +303,29 @@ def test_a_worker_killed_mid_batch_leaves_every_line_done_exactly_once(world, ma
     assert len(charges) == 3 * cap
     assert len({charge.source_id for charge in charges}) == 3 * cap
     assert all(charge.amount == BATCH_COST and charge.tier == "batch" for charge in charges)
+
+
+def test_workers_take_flex_jobs_before_batch_lines_and_both_share_the_models_flex_concurrency(world, user_with_credits):
+    import uuid
+
+    from gateway.jobs import create_job
+    from gateway.queue import claim_jobs
+
+    def queue(tier: str) -> InferenceRequest:
+        return create_job(
+            job_id=uuid.uuid4(),
+            owner_id=user_with_credits.pk,
+            api_key_id=None,
+            model_alias="gpt-test",
+            path="chat/completions",
+            request_body={"model": "gpt-test", "messages": []},
+            service_tier=tier,
+            deadline_seconds=3600,
+        )
+
+    DeployedModel.objects.filter(alias="gpt-test").update(flex_concurrency=2)
+    lines = [queue("batch") for _ in range(3)]  # queued first...
+    flex = queue("flex")  # ...but the flex job goes first
+    assert [job.id for job in claim_jobs("worker-1", limit=1)] == [flex.id]
+    assert [job.id for job in claim_jobs("worker-1", limit=10)] == [lines[0].id]  # one more fits the cap of 2
+    assert claim_jobs("worker-2", limit=10) == []  # a batch line in flight counts against the cap
