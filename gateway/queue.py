@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from billing.models import Balance, Tier
@@ -88,10 +88,10 @@ def claim_jobs(
     due = InferenceRequest.objects.claimable(now).filter(Q(deadline__isnull=True) | Q(deadline__gt=now))
     skip_locked = connection.features.has_select_for_update_skip_locked
     claimed: list[uuid.UUID] = []
-    # Read before the transaction: an idle poll must not take SQLite's write lock.
-    aliases = sorted(
-        due.filter(service_tier__in=QUEUED_TIERS).order_by().values_list("model_alias", flat=True).distinct()
-    )
+    # Read before the transaction: an idle poll must not take SQLite's write lock. One EXISTS per live
+    # model, not a DISTINCT over every due job: a 50,000-line batch makes the queue that deep.
+    queued = due.filter(service_tier__in=QUEUED_TIERS, model_alias=OuterRef("alias"))
+    aliases = sorted(DeployedModel.objects.live().filter(Exists(queued)).values_list("alias", flat=True))
     if not aliases:
         return []
     with transaction.atomic():
