@@ -10,6 +10,8 @@ upstream answering after BATCH_DELAY_MS, one gateway process (uvicorn) and, for 
    both, against VmRSS before). That batch is then cancelled (its lines are not run).
 2. **run** — a batch of BATCH_RUN_LINES lines on the slow upstream; the cluster starts and runs
    it: lines/s from the first claim to the last line's end, and the wall time to `completed`.
+   Real-time chat completions on a second, instant mock upstream (REALTIME_CONNECTIONS at a time for
+   REALTIME_SECONDS) are measured before the cluster starts and again while the batch runs.
 
 ``.venv/bin/python bench/batch.py`` (SQLite in a temporary directory), or with
 ``BENCH_DATABASE_URL=postgres://…`` on PostgreSQL. Results print as JSON lines ("kind": "batch").
@@ -33,13 +35,15 @@ CREATE_LINES = int(os.environ.get("BATCH_CREATE_LINES", "50000"))
 RUN_LINES = int(os.environ.get("BATCH_RUN_LINES", "10000"))
 DELAY_MS = int(os.environ.get("BATCH_DELAY_MS", "1000"))
 CONCURRENCY = int(os.environ.get("BATCH_CONCURRENCY", "400"))  # the model's flex_concurrency
+REALTIME_CONNECTIONS = int(os.environ.get("REALTIME_CONNECTIONS", "16"))
+REALTIME_SECONDS = float(os.environ.get("REALTIME_SECONDS", "8"))
 
 
 def record(**fields: object) -> None:
     print(json.dumps({"kind": "batch", "db": fx.DATABASE_URL.split(":", 1)[0], **fields}), flush=True)
 
 
-def seed(base: str) -> str:
+def seed(base: str, fast_base: str) -> str:
     from accounts.services import create_api_key
     from billing.services import create_user
     from gateway.models import DeployedModel
@@ -57,6 +61,8 @@ def seed(base: str) -> str:
         batch_input_price="0.10",
         batch_output_price="0.30",
     )
+    fast, _ = add_endpoint("batch-fast", fast_base, api_key="bench", timeout_seconds=60)
+    add_model("realtime-fast", endpoint=fast, upstream_model="bench-model", groups=["bench"], input_price="0.50")
     DeployedModel.objects.filter(alias="batch-slow").update(flex_concurrency=CONCURRENCY)
     return create_api_key(user, name="batch bench")[1]
 
@@ -81,6 +87,28 @@ def create(client, path: Path) -> tuple[str, float, float]:  # type: ignore[no-u
     return batch.id, uploaded_s, time.perf_counter() - started
 
 
+async def realtime_rate(url: str, key: str) -> float:
+    """Real-time chat completions per second (200s only), REALTIME_CONNECTIONS at a time."""
+    import asyncio
+
+    import aiohttp
+
+    body = {"model": "realtime-fast", "messages": [{"role": "user", "content": "hi"}]}
+    ok = 0
+    stop_at = time.monotonic() + REALTIME_SECONDS
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        while time.monotonic() < stop_at:
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as reply:
+                await reply.read()
+                ok += reply.status == 200
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(REALTIME_CONNECTIONS)))
+    return ok / REALTIME_SECONDS
+
+
 def run_window(batch_id: str) -> float:
     from django.db.models import Max, Min
 
@@ -98,12 +126,13 @@ def main() -> None:
     # The bench's files and journals stay in its own directory (its child processes inherit these).
     os.environ["GATEWAY_FILES_DIR"] = str(fx.WORK_DIR / "files")
     os.environ["GATEWAY_JOURNAL_DIR"] = str(fx.WORK_DIR / "journal")
-    upstream_port, gateway_port = fx.free_port(), fx.free_port()
+    upstream_port, fast_port, gateway_port = fx.free_port(), fx.free_port(), fx.free_port()
     try:
         upstream = fx.start(
             "mock-batch", fx.PY, str(fx.ROOT / "bench" / "mock_upstream.py"), "--port", str(upstream_port),
             "--delay-ms", str(DELAY_MS),
         )  # fmt: skip
+        fast = fx.start("mock-fast", fx.PY, str(fx.ROOT / "bench" / "mock_upstream.py"), "--port", str(fast_port))
         fx.subprocess.run(
             [fx.PY, "manage.py", "migrate", "--noinput"],
             cwd=fx.ROOT,
@@ -112,8 +141,9 @@ def main() -> None:
             stdout=fx.subprocess.DEVNULL,
         )
         fx.setup_django()
-        key = seed(f"http://127.0.0.1:{upstream_port}/v1")
+        key = seed(f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{fast_port}/v1")
         fx.wait_port(upstream_port, upstream)
+        fx.wait_port(fast_port, fast)
         gateway = fx.start(
             "gateway", f"{Path(fx.PY).parent}/uvicorn", "dwctl_site.asgi:application", "--host", "127.0.0.1",
             "--port", str(gateway_port), "--no-access-log", "--log-level", "warning", "--lifespan", "on",
@@ -145,9 +175,26 @@ def main() -> None:
         )
 
         if RUN_LINES:
+            import asyncio
+
+            realtime_url = f"http://127.0.0.1:{gateway_port}/ai/v1/chat/completions"
+            idle_rate = asyncio.run(realtime_rate(realtime_url, key))
             run_id, _, _ = create(client, batch_file(RUN_LINES))
             cluster = fx.start("qcluster", fx.PY, "manage.py", "qcluster")
             started = time.monotonic()
+            while client.batches.retrieve(run_id).request_counts.completed < 1:  # type: ignore[union-attr]
+                time.sleep(0.2)
+            busy_rate = asyncio.run(realtime_rate(realtime_url, key))
+            still_running = client.batches.retrieve(run_id).status == "in_progress"
+            record(
+                what="realtime_during_batch",
+                connections=REALTIME_CONNECTIONS,
+                seconds=REALTIME_SECONDS,
+                idle_req_per_s=round(idle_rate, 1),
+                during_batch_req_per_s=round(busy_rate, 1),
+                ratio=round(busy_rate / idle_rate, 3) if idle_rate else None,
+                batch_still_running_at_end=still_running,
+            )
             while (batch := client.batches.retrieve(run_id)).status not in {"completed", "failed", "expired"}:
                 if time.monotonic() - started > 1800:
                     raise RuntimeError("the batch did not finish within 30 minutes")
