@@ -329,3 +329,19 @@ def test_workers_take_flex_jobs_before_batch_lines_and_both_share_the_models_fle
     assert [job.id for job in claim_jobs("worker-1", limit=1)] == [flex.id]
     assert [job.id for job in claim_jobs("worker-1", limit=10)] == [lines[0].id]  # one more fits the cap of 2
     assert claim_jobs("worker-2", limit=10) == []  # a batch line in flight counts against the cap
+
+
+def test_the_attempts_cap_applies_to_flex_jobs_too(world, make_key, user_with_credits, settings):
+    from tests.conftest import post
+
+    settings.GATEWAY_QUEUE_MAX_ATTEMPTS = 2
+    secret = make_key(user_with_credits)
+    reply = post(
+        world, secret, "responses", {"model": "fail-500", "input": "hi", "service_tier": "flex", "background": True}
+    )
+    assert reply.status_code == 202
+    with WorkerThread():
+        job = wait_for(lambda: InferenceRequest.objects.filter(state="failed").first(), timeout=30)
+    assert (job.attempts, job.response_status) == (2, 500)
+    assert "given up after 2 attempts" in job.error
+    assert upstream_calls(world, "fail-500") == 2
