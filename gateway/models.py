@@ -10,7 +10,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.models import AMOUNT, Tier
+from billing.models import AMOUNT, Tier, price_key
 from common.crypto import UndecryptableToken, decrypt, encrypt
 from common.limits import rate_limit_errors
 
@@ -288,6 +288,11 @@ class InferenceRequest(models.Model):
     # A flex worker holds its claim only while it renews this lease; once it lapses any worker may take
     # the job. None for a call a gateway process holds itself (the sweep watches that process).
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # A batch line: its batch, its place in the input file, its custom_id and the window it is priced at.
+    batch = models.ForeignKey("gateway.Batch", null=True, blank=True, on_delete=models.CASCADE, related_name="lines")
+    line_number = models.PositiveIntegerField(null=True, blank=True)
+    custom_id = models.CharField(max_length=512, blank=True)
+    completion_window = models.CharField(max_length=10, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -299,6 +304,7 @@ class InferenceRequest(models.Model):
         indexes = [
             models.Index(fields=["not_before"], condition=Q(state="pending"), name="inference_pending_queue"),
             models.Index(fields=["state", "claimed_at"], name="inference_state_claimed"),
+            models.Index(fields=["batch", "state"], condition=Q(batch__isnull=False), name="inference_batch_state"),
         ]
 
     def __str__(self) -> str:
@@ -311,6 +317,11 @@ class InferenceRequest(models.Model):
     @property
     def openai_status(self) -> str:
         return OPENAI_STATUS[JobState(self.state)]
+
+    @property
+    def price_key(self) -> str:
+        """What the call is priced at: its tier, and a batch line's completion window."""
+        return price_key(self.service_tier, self.completion_window)
 
 
 class RequestLog(models.Model):
@@ -457,3 +468,7 @@ class SnapshotVersion(models.Model):
 
     def __str__(self) -> str:
         return self.token
+
+
+# Registers the Batch model with the app (it refers to the models above by name).
+from gateway.batch_models import Batch, BatchStatus  # noqa: E402, F401

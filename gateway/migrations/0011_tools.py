@@ -7,7 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('accounts', '0004_limits_and_budgets'),
-        ('gateway', '0009_endpoint_responses_api'),
+        ('gateway', '0010_usage_rollup_and_retention'),
     ]
 
     operations = [
