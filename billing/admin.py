@@ -141,7 +141,7 @@ class BalanceAdmin(ReadOnlyAdmin):
 class TariffAdmin(ReadOnlyAdmin):
     """Prices are changed on the model page, which opens a new version through `set_tariff`."""
 
-    list_display = ("model", "tier", "input_price", "output_price", "valid_from", "valid_until")
+    list_display = ("model", "tier", "completion_window", "input_price", "output_price", "valid_from", "valid_until")
     list_select_related = ("model",)
-    list_filter = ("tier",)
+    list_filter = ("tier", "completion_window")
     search_fields = ("model__alias",)

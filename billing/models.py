@@ -21,6 +21,16 @@ class Tier(models.TextChoices):
     BATCH = "batch", "Batch"
 
 
+def price_key(tier: str, window: str = "") -> str:
+    """What a price is looked up by: the tier, and for batch its completion window ("batch:24h")."""
+    return f"{tier}:{window}" if window else tier
+
+
+def price_keys() -> list[tuple[str, str]]:
+    """Every (tier, completion window) a model may be priced at: each batch window is a tier of its own."""
+    return [(Tier.REALTIME, ""), (Tier.FLEX, ""), *((Tier.BATCH, window) for window in settings.GATEWAY_BATCH_WINDOWS)]
+
+
 class TariffQuerySet(models.QuerySet["Tariff"]):
     def active_at(self, when) -> TariffQuerySet:  # type: ignore[no-untyped-def]
         return self.filter(valid_from__lte=when).filter(Q(valid_until__isnull=True) | Q(valid_until__gt=when))
@@ -34,6 +44,8 @@ class Tariff(models.Model):
 
     model = models.ForeignKey("gateway.DeployedModel", on_delete=models.CASCADE, related_name="tariffs")
     tier = models.CharField(max_length=20, choices=Tier.choices, default=Tier.REALTIME)
+    # A batch price is per completion window ("24h", "1h": settings.GATEWAY_BATCH_WINDOWS); "" for the other tiers.
+    completion_window = models.CharField(max_length=10, blank=True, default="")
     input_price = models.DecimalField(**PRICE, help_text="Credits per 1M input tokens.")
     output_price = models.DecimalField(**PRICE, help_text="Credits per 1M output tokens.")
     valid_from = models.DateTimeField(default=timezone.now)
@@ -52,12 +64,19 @@ class Tariff(models.Model):
                 name="tariff_valid_span",
             ),
             models.UniqueConstraint(
-                fields=["model", "tier"], condition=Q(valid_until__isnull=True), name="one_open_tariff_per_model_tier"
+                fields=["model", "tier", "completion_window"],
+                condition=Q(valid_until__isnull=True),
+                name="one_open_tariff_per_model_tier_window",
+            ),
+            models.CheckConstraint(
+                condition=Q(tier="batch", completion_window__gt="") | (~Q(tier="batch") & Q(completion_window="")),
+                name="tariff_window_only_for_batch",
             ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.model} {self.tier}: {self.input_price}/{self.output_price} per 1M"
+        prices = f"{self.input_price}/{self.output_price} per 1M"
+        return f"{self.model} {price_key(self.tier, self.completion_window)}: {prices}"
 
     @property
     def is_paid(self) -> bool:

@@ -8,6 +8,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -20,6 +21,8 @@ from billing.models import (
     Tariff,
     Tier,
     TransactionKind,
+    price_key,
+    price_keys,
     price_tokens,
 )
 from billing.signals import balance_changed
@@ -194,37 +197,51 @@ def charge_usages(usages: list[Usage]) -> list[str]:
 acharge_usage = sync_to_async(charge_usage)
 
 
-def select_tariff(tariffs: Iterable[Tariff], tier: str, at: datetime) -> Tariff | None:
-    """Pick, from one model's tariffs, the one in force for a tier at a time; flex falls back to realtime."""
-    in_force = {t.tier: t for t in tariffs if t.valid_from <= at and (t.valid_until is None or t.valid_until > at)}
-    tariff = in_force.get(tier)
-    if tariff is None and tier == Tier.FLEX:
-        tariff = in_force.get(Tier.REALTIME)
-    return tariff
+def select_tariff(tariffs: Iterable[Tariff], tier: str, at: datetime, window: str = "") -> Tariff | None:
+    """Pick, from one model's tariffs, the one in force for a tier (a batch: and window) at a time.
+
+    A batch window with no price of its own falls back to flex, flex to realtime.
+    """
+    in_force = {
+        (t.tier, t.completion_window): t
+        for t in tariffs
+        if t.valid_from <= at and (t.valid_until is None or t.valid_until > at)
+    }
+    chain: list[tuple[str, str]]
+    if tier == Tier.BATCH:
+        chain = [(Tier.BATCH, window), (Tier.FLEX, ""), (Tier.REALTIME, "")]
+    elif tier == Tier.FLEX:
+        chain = [(Tier.FLEX, ""), (Tier.REALTIME, "")]
+    else:
+        chain = [(tier, "")]
+    return next((in_force[key] for key in chain if key in in_force), None)
 
 
 def paid_tiers(tariffs: Iterable[Tariff], at: datetime) -> frozenset[str]:
-    """The tiers at which one model's calls cost something at a time: the one "is it paid" rule."""
+    """The price keys (billing.models.price_key) at which one model's calls cost something at a time:
+    the one "is it paid" rule."""
     versions = list(tariffs)
     return frozenset(
-        tier for tier in Tier.values if (tariff := select_tariff(versions, tier, at)) is not None and tariff.is_paid
+        price_key(tier, window)
+        for tier, window in price_keys()
+        if (tariff := select_tariff(versions, tier, at, window)) is not None and tariff.is_paid
     )
 
 
 def prices_at(tariffs: Iterable[Tariff], at: datetime) -> dict[str, tuple[Decimal, Decimal]]:
-    """One model's (input, output) prices per tier at a time, for the tiers that have one."""
+    """One model's (input, output) prices per price key at a time, for the keys that have one."""
     versions = list(tariffs)
     return {
-        tier: (tariff.input_price, tariff.output_price)
-        for tier in Tier.values
-        if (tariff := select_tariff(versions, tier, at)) is not None
+        price_key(tier, window): (tariff.input_price, tariff.output_price)
+        for tier, window in price_keys()
+        if (tariff := select_tariff(versions, tier, at, window)) is not None
     }
 
 
-def tariff_for(model_id: int, tier: str, *, at: datetime | None = None) -> Tariff | None:
-    """Return the tariff in force for a model and tier at a time; flex falls back to realtime."""
+def tariff_for(model_id: int, tier: str, *, at: datetime | None = None, window: str = "") -> Tariff | None:
+    """Return the tariff in force for a model and tier (and batch window) at a time, with the fallbacks."""
     at = at or timezone.now()
-    return select_tariff(Tariff.objects.active_at(at).filter(model_id=model_id), tier, at)
+    return select_tariff(Tariff.objects.active_at(at).filter(model_id=model_id), tier, at, window)
 
 
 def cost_of(tariff: Tariff | None, input_tokens: int, output_tokens: int) -> Decimal:
@@ -240,11 +257,19 @@ def set_tariff(
     input_price: Decimal | str | int,
     output_price: Decimal | str | int,
     tier: str = Tier.REALTIME,
+    window: str = "",
     at: datetime | None = None,
 ) -> Tariff:
-    """Open a new price for a model and tier, closing the one in force, so past requests keep their price."""
+    """Open a new price for a model and tier (a batch price: for one completion window), closing the
+    one in force, so past requests keep their price."""
     if tier not in Tier.values:
         raise ValueError(f"Unknown tier {tier!r}: use one of {', '.join(Tier.values)}.")
+    if tier == Tier.BATCH and window not in settings.GATEWAY_BATCH_WINDOWS:
+        raise ValueError(
+            f"Unknown completion window {window!r}: use one of {', '.join(settings.GATEWAY_BATCH_WINDOWS)}."
+        )
+    if tier != Tier.BATCH and window:
+        raise ValueError("Only a batch price has a completion window.")
     prices = []
     for label, raw in (("input", input_price), ("output", output_price)):
         try:
@@ -255,10 +280,19 @@ def set_tariff(
             raise ValueError(f"The {label} price must be zero or more, not '{raw}'.")
         prices.append(price)
     at = at or timezone.now()
-    current = Tariff.objects.select_for_update().current().filter(model=model, tier=tier).first()
+    current = (
+        Tariff.objects.select_for_update().current().filter(model=model, tier=tier, completion_window=window).first()
+    )
     if current is not None:
         if current.valid_from >= at:
             raise ValueError("A newer tariff already exists for this model and tier.")
         current.valid_until = at
         current.save(update_fields=["valid_until"])
-    return Tariff.objects.create(model=model, tier=tier, input_price=prices[0], output_price=prices[1], valid_from=at)
+    return Tariff.objects.create(
+        model=model,
+        tier=tier,
+        completion_window=window,
+        input_price=prices[0],
+        output_price=prices[1],
+        valid_from=at,
+    )

@@ -49,6 +49,18 @@ def env_int(name: str, default: int, *, minimum: int = 1) -> int:
     return value
 
 
+def completion_windows(raw: str) -> dict[str, int]:
+    """Batch completion windows ("24h,1h") as seconds by name."""
+    windows: dict[str, int] = {}
+    for name in (part.strip() for part in raw.split(",")):
+        hours = name.removesuffix("h")
+        if not name.endswith("h") or not hours.isdigit() or int(hours) < 1:
+            ENV_ERRORS.append(f"GATEWAY_BATCH_WINDOWS: {name!r} is not a number of hours such as '24h'.")
+            return {"24h": 86400, "1h": 3600}
+        windows[name] = int(hours) * 3600
+    return windows
+
+
 def generated_secret(file_name: str, make: Callable[[], str]) -> str:
     """A secret made once into an owner-only file beside the embedded database, then reused.
 
@@ -188,6 +200,10 @@ else:
 # --- gateway --------------------------------------------------------------------------------
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
 GATEWAY_FLEX_WINDOW = env_int("GATEWAY_FLEX_WINDOW", 3600)
+# A queued call (flex or a batch line) is tried at most this many times, however much time its deadline leaves.
+GATEWAY_QUEUE_MAX_ATTEMPTS = env_int("GATEWAY_QUEUE_MAX_ATTEMPTS", 5)
+# The Batch API's completion windows, each a price tier of its own: "<hours>h" names, comma-separated.
+GATEWAY_BATCH_WINDOWS = completion_windows(os.environ.get("GATEWAY_BATCH_WINDOWS", "") or "24h,1h")
 # A flex worker holds each job it runs on a lease it renews every third of this; a job whose lease
 # lapses (its worker died) is taken by the next worker that claims jobs.
 GATEWAY_FLEX_LEASE_SECONDS = float(env_int("GATEWAY_FLEX_LEASE_MS", 30_000, minimum=300)) / 1000

@@ -73,6 +73,7 @@ class CallRecord:
     # A model call of a response's loop (gateway.loop): its number from 1, each charged on its own
     # (the first as any single call is); 0 for a call that is not part of a loop.
     step: int = 0
+    completion_window: str = ""  # a batch line's window: it is priced at that window's batch tariff
 
     @classmethod
     def from_line(cls, line: list[Any] | dict[str, Any]) -> CallRecord:
@@ -174,7 +175,7 @@ def price(records: list[CallRecord]) -> dict[str, Decimal]:
         tariffs.setdefault(version.model_id, []).append(version)
     return {
         r.request_id: cost_of(
-            select_tariff(tariffs.get(r.model_id or 0, ()), r.tier, r.started_at),
+            select_tariff(tariffs.get(r.model_id or 0, ()), r.tier, r.started_at, r.completion_window),
             r.input_tokens or 0,
             r.output_tokens or 0,
         )

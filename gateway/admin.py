@@ -5,6 +5,7 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import FilteredSelectMultiple
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
@@ -14,7 +15,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from accounts.models import EVERYONE, AccessGroup
-from billing.models import PRICE, Tariff, Tier
+from billing.models import PRICE, Tariff, Tier, price_key
 from billing.services import set_tariff
 from common.admin import ReadOnlyAdmin
 from gateway.jobs import cancel_job
@@ -104,9 +105,14 @@ class EndpointAdmin(admin.ModelAdmin):
 
 # --- models ---------------------------------------------------------------------------------
 
+# Price key (billing.models.price_key) → its form fields: each batch completion window has its own.
 PRICE_FIELDS = {
     Tier.REALTIME: ("realtime_input_price", "realtime_output_price"),
     Tier.FLEX: ("flex_input_price", "flex_output_price"),
+    **{
+        price_key(Tier.BATCH, window): (f"batch_{window}_input_price", f"batch_{window}_output_price")
+        for window in settings.GATEWAY_BATCH_WINDOWS
+    },
 }
 
 
@@ -156,8 +162,9 @@ class DeployedModelForm(forms.ModelForm):
         if self.instance.pk:
             self.initial["access_groups"] = list(self.instance.access_groups.all())
             for tariff in Tariff.objects.current().filter(model=self.instance):
-                if tariff.tier in PRICE_FIELDS:
-                    input_name, output_name = PRICE_FIELDS[tariff.tier]  # type: ignore[index]
+                key = price_key(tariff.tier, tariff.completion_window)
+                if key in PRICE_FIELDS:
+                    input_name, output_name = PRICE_FIELDS[key]
                     self.initial[input_name] = tariff.input_price
                     self.initial[output_name] = tariff.output_price
 
@@ -182,13 +189,21 @@ class DeployedModelForm(forms.ModelForm):
         return changes
 
 
+for _window in settings.GATEWAY_BATCH_WINDOWS:
+    # One pair of fields per completion window (from settings), declared on the form as the others are.
+    for _name, _side in zip(PRICE_FIELDS[price_key(Tier.BATCH, _window)], ("input", "output"), strict=True):
+        _field = _price_field(f"Batch {_window} {_side} price")
+        _field.help_text = "Credits per 1M tokens. With none, a batch of this window pays flex, then real-time."
+        DeployedModelForm.base_fields[_name] = DeployedModelForm.declared_fields[_name] = _field
+
+
 class TariffInline(admin.TabularInline):
     """Price history, read-only: prices change through the fields above, which version them."""
 
     model = Tariff
-    fields = ("tier", "input_price", "output_price", "valid_from", "valid_until")
+    fields = ("tier", "completion_window", "input_price", "output_price", "valid_from", "valid_until")
     readonly_fields = fields
-    ordering = ("tier", "-valid_from")
+    ordering = ("tier", "completion_window", "-valid_from")
     extra = 0
     can_delete = False
     verbose_name_plural = "price history"
@@ -237,10 +252,7 @@ class DeployedModelAdmin(admin.ModelAdmin):
         (
             "Prices (credits per 1M tokens)",
             {
-                "fields": (
-                    ("realtime_input_price", "realtime_output_price"),
-                    ("flex_input_price", "flex_output_price"),
-                ),
+                "fields": tuple(PRICE_FIELDS.values()),
                 "description": "Changing a price opens a new tariff version; past requests keep the price they had. "
                 "A model with no positive price is free.",
             },
@@ -289,17 +301,20 @@ class DeployedModelAdmin(admin.ModelAdmin):
     def prices(self, model: DeployedModel) -> str:
         tariffs = sorted(model.current_tariffs, key=lambda t: t.tier != Tier.REALTIME)  # type: ignore[attr-defined]
         shown = [
-            f"{t.tier} {t.input_price.normalize():f} / {t.output_price.normalize():f}" for t in tariffs if t.is_paid
+            f"{price_key(t.tier, t.completion_window)} {t.input_price.normalize():f} / {t.output_price.normalize():f}"
+            for t in tariffs
+            if t.is_paid
         ]
         return "; ".join(shown) or "free"
 
     def save_model(self, request: HttpRequest, obj: DeployedModel, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        for tier, (input_price, output_price) in form.price_changes().items():
+        for key, (input_price, output_price) in form.price_changes().items():
+            tier, _, window = key.partition(":")
             try:
-                set_tariff(obj, tier=tier, input_price=input_price, output_price=output_price)
+                set_tariff(obj, tier=tier, window=window, input_price=input_price, output_price=output_price)
             except ValueError as exc:
-                self.message_user(request, f"The {tier} price was not changed: {exc}", messages.ERROR)
+                self.message_user(request, f"The {key} price was not changed: {exc}", messages.ERROR)
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
@@ -347,7 +362,7 @@ class InferenceRequestAdmin(ReadOnlyAdmin):
     )
     list_select_related = ("owner",)
     list_filter = ("service_tier", "state", "background")
-    search_fields = ("owner__username", "model_alias")
+    search_fields = ("owner__username", "model_alias", "custom_id")
     readonly_fields = ("public_id", "loop_steps")
     exclude = ("steps", "loop_state")
     actions = ("cancel",)
@@ -407,5 +422,5 @@ class StoredFileAdmin(ReadOnlyAdmin):
         return queryset.filter(id=file_id), False
 
 
-# Registered by importing: the request log, tools; the usage page and the user and key pages with their spend.
-from gateway import dashboard, request_log_admin, tool_admin  # noqa: E402, F401
+# Registered by importing: batches, the request log, tools; the usage page and the user and key pages with their spend.
+from gateway import batch_admin, dashboard, request_log_admin, tool_admin  # noqa: E402, F401

@@ -40,6 +40,11 @@ DEADLINE_MESSAGE = "The flex request did not finish before its deadline."
 MODEL_RETIRED_MESSAGE = "The model of this request is no longer available."
 GATEWAY_STOPPED_MESSAGE = "The gateway process serving this request stopped before it finished. Please retry."
 CLIENT_GONE_MESSAGE = "The client disconnected."
+# A batch line that never ran, as its error-file line says (OpenAI's codes and messages).
+BATCH_EXPIRED = "batch_expired"
+BATCH_EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+BATCH_CANCELLED = "batch_cancelled"
+BATCH_CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 FILE_TOO_LARGE_MESSAGE = "The file is larger than the limit of {limit} bytes."
 # Answers of the server itself (dwctl_site/server.py), to a client cut off before its request is read.
 HEADERS_TOO_LARGE_MESSAGE = "The request headers are larger than the limit of {limit} bytes."
@@ -156,6 +161,10 @@ def file_too_large(limit: int) -> HttpResponse:
 
 def invalid_file(message: str, param: str) -> HttpResponse:
     return openai_error(400, message, param=param, code="invalid_file")
+
+
+def batch_not_found(batch_id: str) -> HttpResponse:
+    return openai_error(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="not_found")
 
 
 def previous_response_not_found(response_id: str) -> HttpResponse:

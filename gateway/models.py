@@ -10,7 +10,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.models import AMOUNT, Tier
+from billing.models import AMOUNT, Tier, price_key
 from common.crypto import UndecryptableToken, decrypt, encrypt
 from common.limits import rate_limit_errors
 
@@ -288,6 +288,11 @@ class InferenceRequest(models.Model):
     # A flex worker holds its claim only while it renews this lease; once it lapses any worker may take
     # the job. None for a call a gateway process holds itself (the sweep watches that process).
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # A batch line: its batch, its place in the input file, its custom_id and the window it is priced at.
+    batch = models.ForeignKey("gateway.Batch", null=True, blank=True, on_delete=models.CASCADE, related_name="lines")
+    line_number = models.PositiveIntegerField(null=True, blank=True)
+    custom_id = models.CharField(max_length=512, blank=True)
+    completion_window = models.CharField(max_length=10, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -299,6 +304,7 @@ class InferenceRequest(models.Model):
         indexes = [
             models.Index(fields=["not_before"], condition=Q(state="pending"), name="inference_pending_queue"),
             models.Index(fields=["state", "claimed_at"], name="inference_state_claimed"),
+            models.Index(fields=["batch", "state"], condition=Q(batch__isnull=False), name="inference_batch_state"),
         ]
 
     def __str__(self) -> str:
@@ -311,6 +317,11 @@ class InferenceRequest(models.Model):
     @property
     def openai_status(self) -> str:
         return OPENAI_STATUS[JobState(self.state)]
+
+    @property
+    def price_key(self) -> str:
+        """What the call is priced at: its tier, and a batch line's completion window."""
+        return price_key(self.service_tier, self.completion_window)
 
 
 class RequestLog(models.Model):
@@ -350,40 +361,6 @@ class RequestLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.status_code}"
-
-
-class UsageRollup(models.Model):
-    """The request log added up by hour, for the usage dashboard (gateway/usage.py writes it every minute).
-
-    One row per hour and dimension: `all` (every call; with its latency histogram), or one `user`,
-    `key` (their ids) or `model` (its alias) — so a 30-day page reads hundreds of rows, not millions.
-    """
-
-    hour = models.DateTimeField()
-    dimension = models.CharField(max_length=8)
-    value = models.CharField(max_length=200, blank=True, default="")
-    requests = models.PositiveBigIntegerField(default=0)
-    errors = models.PositiveBigIntegerField(default=0)
-    input_tokens = models.PositiveBigIntegerField(default=0)
-    output_tokens = models.PositiveBigIntegerField(default=0)
-    spend_nano = models.BigIntegerField(default=0, help_text="Credits spent, in nano-credits (exact sums).")
-    latency_bins = models.JSONField(default=dict, help_text="Answered calls per latency bin (usage.LATENCY_BIN).")
-
-    class Meta:
-        constraints = [models.UniqueConstraint(fields=["dimension", "hour", "value"], name="usage_rollup_unique")]
-
-    def __str__(self) -> str:
-        return f"{self.hour:%Y-%m-%d %H}h {self.dimension} {self.value}".strip()
-
-
-class UsageRollupMark(models.Model):
-    """How far the rollup has read the request log (its highest id)."""
-
-    name = models.CharField(max_length=50, unique=True)
-    last_id = models.BigIntegerField(default=0)
-
-    def __str__(self) -> str:
-        return f"{self.name} at {self.last_id}"
 
 
 class FilePurpose(models.TextChoices):
@@ -457,3 +434,8 @@ class SnapshotVersion(models.Model):
 
     def __str__(self) -> str:
         return self.token
+
+
+# Registers the models kept in modules of their own with the app (the batch refers to the models above by name).
+from gateway.batch_models import Batch, BatchStatus  # noqa: E402, F401
+from gateway.usage_models import UsageRollup, UsageRollupMark  # noqa: E402, F401

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from billing.models import Balance, Tier
@@ -31,6 +31,8 @@ from gateway.accounting import CallRecord, account, step_request_id
 from gateway.budget import to_nanos
 from gateway.errors import (
     BALANCE_TOO_LOW_MESSAGE,
+    BATCH_EXPIRED,
+    BATCH_EXPIRED_MESSAGE,
     DEADLINE_MESSAGE,
     GATEWAY_STOPPED_MESSAGE,
     MODEL_RETIRED_MESSAGE,
@@ -41,13 +43,15 @@ from gateway.models import HELD_STATES, DeployedModel, InferenceRequest, JobStat
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUSES = frozenset({408, 429})
+# The tiers the workers run, in the order they take them.
+QUEUED_TIERS = (Tier.FLEX, Tier.BATCH)
 RETRY_FIRST_SECONDS = 1
 RETRY_MAX_SECONDS = 10
 # How long past its endpoint's timeout a gateway's call may stay unfinished before the sweep fails it.
 STUCK_MARGIN_SECONDS = 60
 
 
-def _enqueue_dispatch() -> None:
+def enqueue_dispatch() -> None:
     from django_q.tasks import async_task
 
     try:
@@ -63,14 +67,15 @@ def submit_flex_job(*, background: bool = False, **fields: Any) -> InferenceRequ
         job = create_job(
             **fields, service_tier=Tier.FLEX, background=background, deadline_seconds=settings.GATEWAY_FLEX_WINDOW
         )
-        transaction.on_commit(_enqueue_dispatch)
+        transaction.on_commit(enqueue_dispatch)
     return job
 
 
 def claim_jobs(
     worker: str, *, limit: int, max_call_seconds: float | None = None, now: datetime | None = None
 ) -> list[InferenceRequest]:
-    """Claim up to `limit` due flex jobs for `worker`, keeping each model within its flex_concurrency.
+    """Claim up to `limit` due queued jobs for `worker` (flex before batch lines), keeping each model
+    within its flex_concurrency.
 
     Each claim is a lease the worker must renew (renew_leases); a job whose lease lapsed is claimed
     like a pending one. With `max_call_seconds`, only jobs whose endpoint timeout fits in that time
@@ -80,15 +85,13 @@ def claim_jobs(
     if limit <= 0:
         return []
     lease = now + timedelta(seconds=settings.GATEWAY_FLEX_LEASE_SECONDS)
-    due = (
-        InferenceRequest.objects.claimable(now)
-        .filter(service_tier=Tier.FLEX)
-        .filter(Q(deadline__isnull=True) | Q(deadline__gt=now))
-    )
+    due = InferenceRequest.objects.claimable(now).filter(Q(deadline__isnull=True) | Q(deadline__gt=now))
     skip_locked = connection.features.has_select_for_update_skip_locked
     claimed: list[uuid.UUID] = []
-    # Read before the transaction: an idle poll must not take SQLite's write lock.
-    aliases = sorted(due.order_by().values_list("model_alias", flat=True).distinct())
+    # Read before the transaction: an idle poll must not take SQLite's write lock. One EXISTS per live
+    # model, not a DISTINCT over every due job: a 50,000-line batch makes the queue that deep.
+    queued = due.filter(service_tier__in=QUEUED_TIERS, model_alias=OuterRef("alias"))
+    aliases = sorted(DeployedModel.objects.live().filter(Exists(queued)).values_list("alias", flat=True))
     if not aliases:
         return []
     with transaction.atomic():
@@ -99,28 +102,42 @@ def claim_jobs(
             models = models.filter(endpoint__timeout_seconds__lte=max_call_seconds)
         caps = dict(models.order_by("pk").values_list("alias", "flex_concurrency"))
         # Only live leases count: the claims of a worker that died stop holding the cap as their leases lapse.
+        # Flex and batch calls share a model's flex_concurrency.
         busy = dict(
             InferenceRequest.objects.leased(now)
-            .filter(service_tier=Tier.FLEX, model_alias__in=aliases)
+            .filter(service_tier__in=QUEUED_TIERS, model_alias__in=aliases)
             .values_list("model_alias")
             .annotate(n=Count("id"))
             .values_list("model_alias", "n")
         )
-        for alias in aliases:
-            if alias not in caps:
-                continue  # a retired model (the sweep fails its jobs), or its calls may outlast this runner
-            room = min(caps[alias] - busy.get(alias, 0), limit - len(claimed))
-            if room <= 0:
-                continue
-            candidates = due.filter(model_alias=alias)
-            if skip_locked:
-                candidates = candidates.select_for_update(skip_locked=True)
-            ids = list(candidates.values_list("id", flat=True)[:room])
-            # Conditional on the job being claimable still: a pending job, or one whose lease lapsed.
-            if ids and InferenceRequest.objects.filter(pk__in=ids).claimable(now).update(
-                state=JobState.CLAIMED, claimed_by=worker, claimed_at=now, lease_expires_at=lease, updated_at=now
-            ):
-                claimed.extend(ids)
+        # Every model's flex jobs before any batch line: a batch waits for room, a flex caller should not.
+        for tier in QUEUED_TIERS:
+            for alias in aliases:
+                if alias not in caps:
+                    continue  # a retired model (the sweep fails its jobs), or its calls may outlast this runner
+                room = min(caps[alias] - busy.get(alias, 0), limit - len(claimed))
+                if room <= 0:
+                    continue
+                candidates = due.filter(service_tier=tier, model_alias=alias)
+                if skip_locked:
+                    candidates = candidates.select_for_update(skip_locked=True)
+                ids = list(candidates.values_list("id", flat=True)[:room])
+                # Conditional on the job being claimable still: a pending job, or one whose lease lapsed.
+                if ids:
+                    taken = (
+                        InferenceRequest.objects.filter(pk__in=ids)
+                        .claimable(now)
+                        .update(
+                            state=JobState.CLAIMED,
+                            claimed_by=worker,
+                            claimed_at=now,
+                            lease_expires_at=lease,
+                            updated_at=now,
+                        )
+                    )
+                    if taken:
+                        claimed.extend(ids)
+                        busy[alias] = busy.get(alias, 0) + taken
     if not claimed:
         return []
     return list(InferenceRequest.objects.filter(pk__in=claimed, claimed_by=worker, state=JobState.CLAIMED))
@@ -201,6 +218,7 @@ class Outcome:
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             job_id=job.id,
+            completion_window=job.completion_window,
         )
 
     def records(self, job: InferenceRequest) -> list[CallRecord]:
@@ -262,7 +280,7 @@ def settle_jobs(worker: str, outcomes: list[Outcome]) -> dict[uuid.UUID, str | N
 
 def _retry(job: InferenceRequest, outcome: Outcome, now: datetime) -> str | None:
     """Put a job whose attempt may succeed later back in the queue, if its deadline leaves time."""
-    if not is_retryable(outcome.status):
+    if not is_retryable(outcome.status) or job.attempts >= settings.GATEWAY_QUEUE_MAX_ATTEMPTS:
         return None
     delay = min(RETRY_FIRST_SECONDS * 2 ** max(job.attempts - 1, 0), RETRY_MAX_SECONDS)
     not_before = now + timedelta(seconds=delay)
@@ -284,7 +302,12 @@ def _retry(job: InferenceRequest, outcome: Outcome, now: datetime) -> str | None
 def _finish(job: InferenceRequest, outcome: Outcome, now: datetime) -> str:
     error = outcome.error
     if is_retryable(outcome.status):
-        error = f"{error or f'The upstream answered {outcome.status}'}; no time left to retry before the deadline."
+        why = (
+            f"given up after {job.attempts} attempts"
+            if job.attempts >= settings.GATEWAY_QUEUE_MAX_ATTEMPTS
+            else "no time left to retry before the deadline"
+        )
+        error = f"{error or f'The upstream answered {outcome.status}'}; {why}."
     fields = outcome_fields(outcome.status, outcome.body, tokens=outcome.tokens, error=error, steps=outcome.steps)
     InferenceRequest.objects.filter(pk=job.pk).finish(**fields)
     return str(fields["state"])
@@ -334,15 +357,18 @@ def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
     Returns the ids of the jobs it finished, so their waiters can be woken.
     """
     now = now or timezone.now()
+    expired = InferenceRequest.objects.unfinished().filter(deadline__lte=now)
     finished = fail_jobs(
-        list(
-            InferenceRequest.objects.unfinished()
-            .filter(service_tier=Tier.FLEX, deadline__lte=now)
-            .values_list("id", flat=True)
-        ),
+        list(expired.filter(service_tier=Tier.FLEX).values_list("id", flat=True)),
         status=504,
         message=DEADLINE_MESSAGE,
         code="deadline_exceeded",
+    )
+    # A batch line not running when its window ends never will: it goes to the error file as expired
+    # (one UPDATE: a 50,000-line batch may expire at once; nobody waits on a line to be woken). A line
+    # in flight on a live lease ends at the deadline in its worker.
+    expired.filter(service_tier=Tier.BATCH).exclude(state=JobState.PROCESSING, lease_expires_at__gt=now).finish(
+        **failure_fields(504, BATCH_EXPIRED_MESSAGE, BATCH_EXPIRED)
     )
     held = list(
         InferenceRequest.objects.filter(state__in=HELD_STATES, claimed_by__startswith=GATEWAY_CLAIM_PREFIX).values_list(
@@ -365,7 +391,7 @@ def sweep_jobs(*, now: datetime | None = None) -> list[uuid.UUID]:
     ]
     finished += fail_jobs(orphans, status=502, message=GATEWAY_STOPPED_MESSAGE, code="gateway_interrupted")
     retired = list(
-        InferenceRequest.objects.filter(state=JobState.PENDING, service_tier=Tier.FLEX)
+        InferenceRequest.objects.filter(state=JobState.PENDING, service_tier__in=QUEUED_TIERS)
         .exclude(model_alias__in=DeployedModel.objects.live().values("alias"))
         .values_list("id", flat=True)
     )

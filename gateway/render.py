@@ -9,7 +9,7 @@ from django.http import HttpResponse
 
 from gateway.errors import DEADLINE_MESSAGE, openai_error
 from gateway.jobs import as_items
-from gateway.models import InferenceRequest, JobState, StoredFile
+from gateway.models import Batch, InferenceRequest, JobState, StoredFile
 
 
 def json_response(payload: Any, status: int = 200) -> HttpResponse:
@@ -30,6 +30,43 @@ def file_object(stored: StoredFile) -> dict[str, Any]:
     }
     if stored.expires_at is not None:
         body["expires_at"] = int(stored.expires_at.timestamp())
+    return body
+
+
+BATCH_TIMES = (
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+def batch_object(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
+    """An OpenAI Batch object. Times and file ids only once set (the description types them as
+    integers and strings, never null)."""
+    body: dict[str, Any] = {
+        "id": batch.public_id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "input_file_id": batch.input_file_public_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "created_at": int(batch.created_at.timestamp()),
+        "request_counts": counts,
+        "metadata": batch.metadata,
+    }
+    for name in BATCH_TIMES:
+        when = getattr(batch, name)
+        if when is not None:
+            body[name] = int(when.timestamp())
+    if batch.output_file_id is not None:
+        body["output_file_id"] = f"file-{batch.output_file_id.hex}"
+    if batch.error_file_id is not None:
+        body["error_file_id"] = f"file-{batch.error_file_id.hex}"
     return body
 
 

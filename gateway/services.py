@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, TypedDict, Unpack
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
@@ -91,10 +92,16 @@ def add_model(
     output_price: Decimal | str | None = None,
     flex_input_price: Decimal | str | None = None,
     flex_output_price: Decimal | str | None = None,
+    batch_input_price: Decimal | str | None = None,
+    batch_output_price: Decimal | str | None = None,
+    batch_windows: Iterable[str] | None = None,
     public: bool = False,
     groups: Iterable[str] = (),
 ) -> DeployedModel:
-    """Deploy a model with its prices (credits per 1M tokens) and group access, all or nothing."""
+    """Deploy a model with its prices (credits per 1M tokens) and group access, all or nothing.
+
+    A batch price applies to each of `batch_windows` (default: every completion window).
+    """
     if not alias.strip():
         raise ValidationError("The model alias cannot be empty.")
     if kind not in ModelKind.values:
@@ -104,13 +111,15 @@ def add_model(
     model = DeployedModel.objects.create(
         alias=alias, upstream_model=upstream_model or alias, endpoint=endpoint, kind=kind
     )
-    for tier, prices in (
-        (Tier.REALTIME, (input_price, output_price)),
-        (Tier.FLEX, (flex_input_price, flex_output_price)),
+    windows = list(settings.GATEWAY_BATCH_WINDOWS if batch_windows is None else batch_windows)
+    for tier, window, prices in (
+        (Tier.REALTIME, "", (input_price, output_price)),
+        (Tier.FLEX, "", (flex_input_price, flex_output_price)),
+        *((Tier.BATCH, window, (batch_input_price, batch_output_price)) for window in windows),
     ):
         if any(price is not None for price in prices):
             try:
-                set_tariff(model, tier=tier, input_price=prices[0] or 0, output_price=prices[1] or 0)
+                set_tariff(model, tier=tier, window=window, input_price=prices[0] or 0, output_price=prices[1] or 0)
             except ValueError as exc:
                 raise ValidationError(str(exc)) from None
     attach = list(ensure_groups(groups))

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from gateway import files, stored, views, warm_path
+from gateway import batches, files, stored, views, warm_path
 
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="chat-completions"),
@@ -12,6 +12,9 @@ urlpatterns = [
     path("files", files.files, name="files"),
     path("files/<str:file_id>", files.file_detail, name="file-detail"),
     path("files/<str:file_id>/content", files.file_content, name="file-content"),
+    path("batches", batches.batches, name="batches"),
+    path("batches/<str:batch_id>", batches.batch_detail, name="batch-detail"),
+    path("batches/<str:batch_id>/cancel", batches.batch_cancel, name="batch-cancel"),
     path("models", stored.models, name="models"),
     path("models/<path:alias>", stored.model_detail, name="model-detail"),
 ]

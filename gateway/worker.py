@@ -34,6 +34,7 @@ from django_q.conf import Conf
 
 from gateway import budget, clients
 from gateway.accounting import accountant
+from gateway.batch_store import finalize_batches
 from gateway.db import in_thread
 from gateway.errors import DEADLINE_MESSAGE, MODEL_RETIRED_MESSAGE, error_envelope
 from gateway.flex import announce
@@ -65,6 +66,8 @@ SETTLE_BATCH_SECONDS = 0.05
 RETRY_HORIZON_SECONDS = RETRY_MAX_SECONDS + 1
 # Every runner sweeps this often (gateway.queue.sweep_jobs), so no queue of tasks can starve the sweep.
 SWEEP_SECONDS = 30
+# A runner whose batch lines end looks for batches to finalize at most this often.
+FINALIZE_SECONDS = 1.0
 
 
 def worker_name() -> str:
@@ -101,6 +104,9 @@ class Runner:
     started: float = 0.0
     retries_until: float = 0.0  # seconds into the run until which a retry this runner scheduled may come due
     holds: dict[uuid.UUID, budget.Hold] = field(default_factory=dict)  # credits reserved per job in flight
+    batch_lines: set[uuid.UUID] = field(default_factory=set)  # the batch lines in flight: nobody waits on them
+    finalizer: asyncio.Task[None] | None = None
+    finalize_again: bool = False
 
     async def run(self) -> int:
         started = self.started = time.monotonic()
@@ -145,6 +151,8 @@ class Runner:
             heartbeat.cancel()
             if self.writer is not None:
                 await asyncio.gather(self.writer, return_exceptions=True)
+            if self.finalizer is not None:
+                await asyncio.gather(self.finalizer, return_exceptions=True)
             await clients.aclose()
         return self.finished
 
@@ -162,8 +170,25 @@ class Runner:
         try:
             await in_thread(accountant.drain_orphans)  # a gateway process that died left its journal
             await announce(await in_thread(sweep_jobs))
+            await in_thread(finalize_batches)  # the sweep may have expired a batch's last lines
         except Exception:
             logger.exception("The flex sweep failed; it runs again on the next round")
+
+    async def finalize(self) -> None:
+        """A batch line ended: end the batches whose last line it was, at most once per FINALIZE_SECONDS
+        (lines ending meanwhile are looked at by one more round)."""
+        self.finalize_again = True
+        if self.finalizer is None or self.finalizer.done():
+            self.finalizer = asyncio.get_running_loop().create_task(self.finalize_rounds())
+
+    async def finalize_rounds(self) -> None:
+        while self.finalize_again:
+            self.finalize_again = False
+            try:
+                await in_thread(finalize_batches)
+            except Exception:
+                logger.exception("Could not finalize batches; trying again as lines end and at the next sweep")
+            await asyncio.sleep(FINALIZE_SECONDS)
 
     async def top_up(self) -> int:
         room = self.max_in_flight - len(self.in_flight)
@@ -178,10 +203,13 @@ class Runner:
         if refused:
             self.finished += len(refused)
             await announce(refused)
+            await self.finalize()  # refused lines (no credits left) may have been a batch's last
         self.holds.update(holds)
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self.run_job(job))
             self.in_flight[task] = job.id
+            if job.batch_id is not None:
+                self.batch_lines.add(job.id)
         return len(jobs)
 
     async def give_back(self) -> None:
@@ -191,6 +219,7 @@ class Runner:
         await asyncio.gather(*tasks, return_exceptions=True)
         ids = list(self.in_flight.values())
         self.in_flight.clear()
+        self.batch_lines.difference_update(ids)
         for job_id in ids:
             hold = self.holds.pop(job_id, None)
             if hold is not None:
@@ -299,6 +328,7 @@ class Runner:
         if self.writer is None or self.writer.done():
             self.writer = asyncio.get_running_loop().create_task(self.write_outcomes())
         state = await settled
+        self.batch_lines.discard(job.id)
         if state in ("completed", "failed"):
             self.finished += 1
         elif state == "pending":  # a retry (due within RETRY_MAX_SECONDS): stay to run it
@@ -307,7 +337,7 @@ class Runner:
         if hold is not None:
             charged = 0
             if model is not None and state == "completed":
-                charged = sum(budget.cost_nanos(model, job.service_tier, used) for used in model_calls or (tokens,))
+                charged = sum(budget.cost_nanos(model, job.price_key, used) for used in model_calls or (tokens,))
             await budget.release_job(hold, charged)
 
     async def write_outcomes(self) -> None:
@@ -325,7 +355,10 @@ class Runner:
             for outcome, settled in batch:
                 if not settled.done():  # a job given back meanwhile stopped waiting
                     settled.set_result(states.get(outcome.job_id))
-            await announce([job_id for job_id, state in states.items() if state in ("completed", "failed")])
+            ended = [job_id for job_id, state in states.items() if state in ("completed", "failed")]
+            await announce([job_id for job_id in ended if job_id not in self.batch_lines])
+            if any(job_id in self.batch_lines for job_id in ended):
+                await self.finalize()
 
 
 def claim_and_start(
@@ -346,9 +379,7 @@ def claim_and_start(
                 continue  # the call answers 404 without costing anything
             key = snapshot.keys_by_id.get(job.api_key_id) if job.api_key_id else None
             body = job.request_body
-            hold = budget.reserve_job(
-                model, job.service_tier, body, job.owner_id, balances.get(job.owner_id, (0, 0)), key
-            )
+            hold = budget.reserve_job(model, job.price_key, body, job.owner_id, balances.get(job.owner_id, (0, 0)), key)
             if isinstance(hold, budget.Hold):
                 holds[job.id] = hold
             elif hold is not None:

@@ -39,6 +39,10 @@ SCHEMAS: list[tuple[str, re.Pattern[str], str | None]] = [
     ("GET", re.compile(r"files/[^/]+"), "OpenAIFile"),
     ("DELETE", re.compile(r"files/[^/]+"), "DeleteFileResponse"),
     ("GET", re.compile(r"files/[^/]+/content"), None),  # the file's own bytes, never JSON of ours
+    ("POST", re.compile(r"batches"), "Batch"),
+    ("GET", re.compile(r"batches"), "ListBatchesResponse"),
+    ("GET", re.compile(r"batches/[^/]+"), "Batch"),
+    ("POST", re.compile(r"batches/[^/]+/cancel"), "Batch"),
     ("GET", re.compile(r"models"), "ListModelsResponse"),
     ("GET", re.compile(r"models/.+"), "Model"),
 ]

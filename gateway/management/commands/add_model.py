@@ -21,6 +21,18 @@ class Command(BaseCommand):
         parser.add_argument("--output-price", help="Real-time credits per 1M output tokens.")
         parser.add_argument("--flex-input-price", help="Flex credits per 1M input tokens (default: real-time).")
         parser.add_argument("--flex-output-price", help="Flex credits per 1M output tokens (default: real-time).")
+        parser.add_argument(
+            "--batch-input-price", help="Batch credits per 1M input tokens (default: flex, then real-time)."
+        )
+        parser.add_argument(
+            "--batch-output-price", help="Batch credits per 1M output tokens (default: flex, then real-time)."
+        )
+        parser.add_argument(
+            "--batch-window",
+            action="append",
+            dest="batch_windows",
+            help="The completion window the batch price is for (repeatable; default: every window).",
+        )
         parser.add_argument("--public", action="store_true", help="Attach it to Everyone.")
         parser.add_argument(
             "--group", action="append", default=[], dest="groups", help="Attach it to a group (repeatable)."
@@ -38,6 +50,9 @@ class Command(BaseCommand):
                 output_price=options["output_price"],
                 flex_input_price=options["flex_input_price"],
                 flex_output_price=options["flex_output_price"],
+                batch_input_price=options["batch_input_price"],
+                batch_output_price=options["batch_output_price"],
+                batch_windows=options["batch_windows"],
                 public=options["public"],
                 groups=options["groups"],
             )
