@@ -283,11 +283,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_q",
+    # Listed so the API docs page renders its own bundled Swagger UI, not one fetched from a CDN.
+    "ninja",
     "dwctl_site",
     "accounts",
     "billing",
     "routing_rules",
     "gateway",
+    "management_api",
 ]
 
 # The /ai/ API never passes through these: gateway.handler serves it with the two async

@@ -9,7 +9,6 @@ from django.contrib import admin, messages
 from django.contrib.admin.widgets import FilteredSelectMultiple
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
 
 from accounts.models import EVERYONE, AccessGroup
 from billing.models import PRICE, Tariff, Tier
@@ -25,6 +24,7 @@ from gateway.models import (
     JobState,
     StoredFile,
 )
+from gateway.services import restore_model, retire_model, set_model_groups
 from routing_rules.models import TrafficRule
 
 # --- endpoints ------------------------------------------------------------------------------
@@ -294,26 +294,16 @@ class DeployedModelAdmin(admin.ModelAdmin):
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
-        # .set() sends m2m_changed, which the auth snapshot listens to.
-        form.instance.access_groups.set(form.cleaned_data["access_groups"])
+        set_model_groups(form.instance, form.cleaned_data["access_groups"])
 
     @admin.action(description="Retire the selected models", permissions=["change"])
     def retire(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
-        now = timezone.now()
-        retired = 0
-        for model in queryset.filter(deleted_at__isnull=True):
-            model.deleted_at = now
-            model.save(update_fields=["deleted_at"])  # a save, not update(): the snapshot listens to post_save
-            retired += 1
+        retired = sum(retire_model(model) for model in queryset.filter(deleted_at__isnull=True))
         self.message_user(request, f"Retired {retired} model{'s' if retired != 1 else ''}.", messages.SUCCESS)
 
     @admin.action(description="Bring the selected models back", permissions=["change"])
     def restore(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
-        restored = 0
-        for model in queryset.filter(deleted_at__isnull=False):
-            model.deleted_at = None
-            model.save(update_fields=["deleted_at"])
-            restored += 1
+        restored = sum(restore_model(model) for model in queryset.filter(deleted_at__isnull=False))
         self.message_user(request, f"Restored {restored} model{'s' if restored != 1 else ''}.", messages.SUCCESS)
 
 

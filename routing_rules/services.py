@@ -20,3 +20,19 @@ def add_traffic_rule(model, *, purpose: str, action: str, target=None) -> Traffi
     rule.full_clean()
     rule.save()
     return rule
+
+
+@transaction.atomic
+def update_traffic_rule(rule: TrafficRule, *, action: str, target=None) -> TrafficRule:  # type: ignore[no-untyped-def]
+    """Change what a rule does (deny, or redirect to `target`), validated before it is written."""
+    if action not in RuleAction.values:
+        raise ValidationError(f"Unknown action '{action}': use deny or redirect.")
+    rule.action, rule.target = action, target
+    rule.full_clean()
+    rule.save()
+    return rule
+
+
+def delete_traffic_rule(rule: TrafficRule) -> None:
+    """Remove a rule: calls to its model with keys of its purpose are served as any other."""
+    rule.delete()

@@ -1,0 +1,55 @@
+"""Who may call the management API: a staff user, through one of their platform keys or their admin session.
+
+A platform key is looked up in the database on every call (this is not the hot path), so a revoked
+key is refused at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest
+from ninja.errors import AuthenticationError, AuthorizationError
+from ninja.security import APIKeyCookie, HttpBearer
+
+from accounts.models import ApiKey, Purpose, User
+from accounts.services import hash_secret
+
+NOT_STAFF_MESSAGE = "The management API is for staff users only."
+
+
+class PlatformKey(HttpBearer):
+    """`Authorization: Bearer sk-…`: an active platform-purpose key of an active staff user."""
+
+    def authenticate(self, request: HttpRequest, token: str) -> User:
+        api_key = (
+            ApiKey.objects.active().select_related("owner").filter(secret_hash=hash_secret(token.strip())).first()
+        )
+        if api_key is None:
+            raise AuthenticationError(message="The API key is unknown, revoked or expired.")
+        if api_key.purpose != Purpose.PLATFORM:
+            raise AuthorizationError(
+                message=f"This is a {api_key.purpose} key: the management API takes platform keys only."
+            )
+        if not (api_key.owner.is_active and api_key.owner.is_staff):
+            raise AuthorizationError(message=NOT_STAFF_MESSAGE)
+        return api_key.owner
+
+
+class StaffSession(APIKeyCookie):
+    """The admin's session cookie of a staff user; writes carry the CSRF token too (`X-CSRFToken`)."""
+
+    param_name = settings.SESSION_COOKIE_NAME
+
+    def __call__(self, request: HttpRequest) -> Any:
+        # No session, no CSRF check: a call without any credential is a 401, not a CSRF failure.
+        if not request.user.is_authenticated:
+            return None
+        return super().__call__(request)
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> User:
+        user: User = request.user  # type: ignore[assignment]
+        if not (user.is_active and user.is_staff):
+            raise AuthorizationError(message=NOT_STAFF_MESSAGE)
+        return user
