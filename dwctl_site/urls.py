@@ -6,11 +6,13 @@ from gateway import demo
 from gateway.errors import openai_error
 from gateway.exposition import metrics
 from management_api.api import api as management_api
+from management_api.api import unknown_path
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
     # Before the admin's own URLs, whose catch-all would otherwise take these paths.
     path("admin/api/v1/", management_api.urls),
+    path("admin/api/<path:rest>", unknown_path),
     path("admin/", admin.site.urls),
     path("metrics", metrics, name="metrics"),
     # The echo upstream of `manage.py demo` (gateway/demo.py): the gateway calls it, clients do not.
@@ -23,8 +25,6 @@ urlpatterns = [
 def handler404(request, exception):  # type: ignore[no-untyped-def]
     if request.path.startswith("/ai/"):
         return openai_error(404, f"Unknown API path '{request.path}'.", code="unknown_url")
-    if request.path.startswith("/admin/api/"):
-        return openai_error(404, f"Unknown management API path '{request.path}'.", code="unknown_url")
     return defaults.page_not_found(request, exception)
 
 

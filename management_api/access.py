@@ -15,7 +15,7 @@ from accounts import services as accounts
 from accounts.models import AccessGroup, ApiKey, Purpose, SpendWindow, User
 from billing import services as billing
 from gateway.models import DeployedModel
-from management_api.schemas import Amount, Count, Credits, get_or_404
+from management_api.schemas import Amount, Credits, Positive, get_or_404
 
 users = Router(tags=["users"])
 groups = Router(tags=["access groups"])
@@ -261,9 +261,9 @@ class KeyCreated(KeyOut):
 
 
 class KeyLimits(Schema):
-    requests_per_second: Count | None = None
-    burst_size: Count | None = Field(None, description="Calls allowed at once; needs a rate.")
-    tokens_per_minute: Count | None = None
+    requests_per_second: Positive | None = None
+    burst_size: Positive | None = Field(None, description="Calls allowed at once; needs a rate.")
+    tokens_per_minute: Positive | None = None
     spend_limit: Amount | None = Field(None, description="Credits per spend window; needs a window.")
     spend_window: SpendWindow | None = None
 

@@ -6,6 +6,7 @@ package's own static files: no CDN, so the docs work offline).
 
 from __future__ import annotations
 
+from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 
 from management_api import access, catalog, errors, money, usage
@@ -36,3 +37,8 @@ for router in (
     usage.usage,
 ):
     api.add_router("", router)
+
+
+def unknown_path(request: HttpRequest, rest: str) -> HttpResponse:
+    """A path under the API that names nothing: a 404 in the envelope, not the admin's redirect to its login."""
+    return errors.error(404, f"Unknown management API path '{request.path}'.", code="unknown_url")

@@ -15,7 +15,7 @@ from billing.services import set_tariff
 from gateway import services as catalog
 from gateway.models import DeployedModel, Endpoint, ModelKind, ResponsesApi
 from management_api.errors import ApiError
-from management_api.schemas import Count, Price, get_or_404
+from management_api.schemas import Positive, Price, get_or_404
 from routing_rules import services as rules
 from routing_rules.models import RuleAction, TrafficRule
 
@@ -49,8 +49,8 @@ class EndpointPatch(Schema):
     )
     auth_header: str | None = Field(None, min_length=1, max_length=100)
     auth_prefix: str | None = Field(None, max_length=50)
-    timeout_seconds: Count | None = None
-    connect_timeout_seconds: Count | None = None
+    timeout_seconds: Positive | None = None
+    connect_timeout_seconds: Positive | None = None
     responses_api: ResponsesApi | None = None
 
 
@@ -113,12 +113,12 @@ class TariffIn(Schema):
 
 
 class ModelLimits(Schema):
-    requests_per_second: Count | None = None
-    burst_size: Count | None = None
-    tokens_per_minute: Count | None = None
-    capacity: Count | None = Field(None, description="Concurrent real-time calls.")
-    flex_concurrency: Count | None = Field(None, description="Concurrent flex calls (never unlimited).")
-    max_output_tokens: Count | None = None
+    requests_per_second: Positive | None = None
+    burst_size: Positive | None = None
+    tokens_per_minute: Positive | None = None
+    capacity: Positive | None = Field(None, description="Concurrent real-time calls.")
+    flex_concurrency: Positive | None = Field(None, description="Concurrent flex calls (never unlimited).")
+    max_output_tokens: Positive | None = None
 
 
 class ModelOut(Schema):

@@ -30,7 +30,7 @@ Price = Annotated[
     WithJsonSchema({"type": "string", "format": "decimal", "examples": ["0.5"]}),
 ]
 # Limits: empty (null) for none.
-Count = Annotated[int, Field(gt=0)]
+Positive = Annotated[int, Field(gt=0)]
 
 
 M = TypeVar("M", bound=Model)
