@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db.models import Count, F, Prefetch, Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
-from ninja import Router, Schema
+from ninja import Router, Schema, Status
 from ninja.pagination import LimitOffsetPagination, paginate
 from pydantic import Field
 
@@ -92,7 +92,7 @@ def list_users(request: HttpRequest, search: str | None = None, is_staff: bool |
 
 
 @users.post("/users", response={201: UserOut}, summary="Create a user")
-def create_user(request: HttpRequest, payload: UserIn) -> tuple[int, User]:
+def create_user(request: HttpRequest, payload: UserIn) -> Status[User]:
     user = billing.create_user(
         payload.username,
         email=payload.email,
@@ -102,7 +102,7 @@ def create_user(request: HttpRequest, payload: UserIn) -> tuple[int, User]:
         is_superuser=payload.is_superuser,
         credits=payload.credits,
     )
-    return 201, find_user(user.pk)
+    return Status(201, find_user(user.pk))
 
 
 @users.get("/users/{user_id}", response=UserOut, summary="Get a user")
@@ -167,9 +167,9 @@ def list_groups(request: HttpRequest) -> QuerySet[AccessGroup]:
 
 
 @groups.post("/groups", response={201: GroupOut}, summary="Create an access group")
-def create_group(request: HttpRequest, payload: GroupIn) -> tuple[int, AccessGroup]:
+def create_group(request: HttpRequest, payload: GroupIn) -> Status[AccessGroup]:
     group = accounts.create_access_group(payload.name, description=payload.description)
-    return 201, find_group(group.pk)
+    return Status(201, find_group(group.pk))
 
 
 @groups.get("/groups/{group_id}", response=GroupOut, summary="Get an access group")
@@ -184,9 +184,9 @@ def update_group(request: HttpRequest, group_id: int, payload: GroupPatch) -> Ac
 
 
 @groups.delete("/groups/{group_id}", response={204: None}, summary="Delete an access group")
-def delete_group(request: HttpRequest, group_id: int) -> tuple[int, None]:
+def delete_group(request: HttpRequest, group_id: int) -> Status[None]:
     accounts.delete_access_group(find_group(group_id))
-    return 204, None
+    return Status(204, None)
 
 
 @groups.get("/groups/{group_id}/members", response=list[UserOut], summary="List a group's members")
@@ -197,27 +197,27 @@ def list_members(request: HttpRequest, group_id: int) -> QuerySet[User]:
 
 
 @groups.put("/groups/{group_id}/members/{user_id}", response={204: None}, summary="Add a user to a group")
-def add_member(request: HttpRequest, group_id: int, user_id: int) -> tuple[int, None]:
+def add_member(request: HttpRequest, group_id: int, user_id: int) -> Status[None]:
     accounts.add_group_member(find_group(group_id), find_user(user_id))
-    return 204, None
+    return Status(204, None)
 
 
 @groups.delete("/groups/{group_id}/members/{user_id}", response={204: None}, summary="Take a user out of a group")
-def remove_member(request: HttpRequest, group_id: int, user_id: int) -> tuple[int, None]:
+def remove_member(request: HttpRequest, group_id: int, user_id: int) -> Status[None]:
     accounts.remove_group_member(find_group(group_id), find_user(user_id))
-    return 204, None
+    return Status(204, None)
 
 
 @groups.put("/groups/{group_id}/models/{model_id}", response={204: None}, summary="Let a group's members call a model")
-def add_model(request: HttpRequest, group_id: int, model_id: int) -> tuple[int, None]:
+def add_model(request: HttpRequest, group_id: int, model_id: int) -> Status[None]:
     accounts.add_group_model(find_group(group_id), get_or_404(DeployedModel.objects.all(), model_id, "model"))
-    return 204, None
+    return Status(204, None)
 
 
 @groups.delete("/groups/{group_id}/models/{model_id}", response={204: None}, summary="Take a model out of a group")
-def remove_model(request: HttpRequest, group_id: int, model_id: int) -> tuple[int, None]:
+def remove_model(request: HttpRequest, group_id: int, model_id: int) -> Status[None]:
     accounts.remove_group_model(find_group(group_id), get_or_404(DeployedModel.objects.all(), model_id, "model"))
-    return 204, None
+    return Status(204, None)
 
 
 # --- API keys -------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def list_keys(
 
 
 @keys.post("/keys", response={201: KeyCreated}, summary="Create an API key (its secret is in this answer only)")
-def create_key(request: HttpRequest, payload: KeyIn) -> tuple[int, dict[str, object]]:
+def create_key(request: HttpRequest, payload: KeyIn) -> Status[ApiKey]:
     owner = get_or_404(User.objects.all(), payload.owner_id, "user")
     limits = payload.dict(include=set(KeyLimits.model_fields))
     api_key, secret = accounts.create_api_key(
@@ -305,7 +305,9 @@ def create_key(request: HttpRequest, payload: KeyIn) -> tuple[int, dict[str, obj
         expires_at=payload.expires_at,
         **{**limits, "spend_window": limits["spend_window"] or ""},
     )
-    return 201, {**KeyOut.from_orm(find_key(api_key.pk)).dict(), "secret": secret}
+    created = find_key(api_key.pk)
+    created.secret = secret  # type: ignore[attr-defined]  # in this answer only: it is not stored
+    return Status(201, created)
 
 
 @keys.get("/keys/{key_id}", response=KeyOut, summary="Get an API key")

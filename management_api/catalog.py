@@ -5,7 +5,7 @@ from datetime import datetime
 from django.db import transaction
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Router, Schema, Status
 from ninja.pagination import LimitOffsetPagination, paginate
 from pydantic import Field
 
@@ -71,10 +71,10 @@ def list_endpoints(request: HttpRequest) -> QuerySet[Endpoint]:
 
 
 @endpoints.post("/endpoints", response={201: EndpointOut}, summary="Add an upstream endpoint")
-def create_endpoint(request: HttpRequest, payload: EndpointIn) -> tuple[int, Endpoint]:
+def create_endpoint(request: HttpRequest, payload: EndpointIn) -> Status[Endpoint]:
     if Endpoint.objects.filter(name=payload.name).exists():
         raise ApiError(409, f"An endpoint named '{payload.name}' already exists.", param="name", code="conflict")
-    return 201, catalog.update_endpoint(Endpoint(), api_key=payload.api_key, **endpoint_fields(payload))
+    return Status(201, catalog.update_endpoint(Endpoint(), api_key=payload.api_key, **endpoint_fields(payload)))
 
 
 @endpoints.get("/endpoints/{endpoint_id}", response=EndpointOut, summary="Get an endpoint")
@@ -89,9 +89,9 @@ def update_endpoint(request: HttpRequest, endpoint_id: int, payload: EndpointPat
 
 
 @endpoints.delete("/endpoints/{endpoint_id}", response={204: None}, summary="Delete an endpoint that serves no model")
-def delete_endpoint(request: HttpRequest, endpoint_id: int) -> tuple[int, None]:
+def delete_endpoint(request: HttpRequest, endpoint_id: int) -> Status[None]:
     catalog.delete_endpoint(get_or_404(Endpoint.objects.all(), endpoint_id, "endpoint"))
-    return 204, None
+    return Status(204, None)
 
 
 # --- models and tariffs ---------------------------------------------------------------------
@@ -198,14 +198,14 @@ def list_models(request: HttpRequest, retired: bool | None = None) -> QuerySet[D
 
 
 @models.post("/models", response={201: ModelOut}, summary="Deploy a model, with its prices and access")
-def create_model(request: HttpRequest, payload: ModelIn) -> tuple[int, DeployedModel]:
+def create_model(request: HttpRequest, payload: ModelIn) -> Status[DeployedModel]:
     endpoint = get_or_404(Endpoint.objects.all(), payload.endpoint_id, "endpoint")
     model = catalog.add_model(
         payload.alias,
         endpoint=endpoint,
         **payload.dict(exclude={"alias", "endpoint_id"}),
     )
-    return 201, find_model(model.pk)
+    return Status(201, find_model(model.pk))
 
 
 @models.get("/models/{model_id}", response=ModelOut, summary="Get a model")
@@ -253,10 +253,10 @@ def list_tariffs(request: HttpRequest, model_id: int, tier: Tier | None = None) 
 
 
 @models.post("/models/{model_id}/tariffs", response={201: TariffOut}, summary="Set a model's price at a tier")
-def create_tariff(request: HttpRequest, model_id: int, payload: TariffIn) -> tuple[int, Tariff]:
+def create_tariff(request: HttpRequest, model_id: int, payload: TariffIn) -> Status[Tariff]:
     """Opens a new tariff version and closes the one in force: past calls keep the price they had."""
     model = find_model(model_id)
-    return 201, set_tariff(model, tier=payload.tier, input_price=payload.input_price, output_price=payload.output_price)
+    return Status(201, set_tariff(model, tier=payload.tier, input_price=payload.input_price, output_price=payload.output_price))
 
 
 # --- traffic rules --------------------------------------------------------------------------
@@ -307,12 +307,12 @@ def list_rules(request: HttpRequest, model_id: int | None = None) -> QuerySet[Tr
 
 
 @traffic_rules.post("/rules", response={201: RuleOut}, summary="Deny or redirect a model for keys of one purpose")
-def create_rule(request: HttpRequest, payload: RuleIn) -> tuple[int, TrafficRule]:
+def create_rule(request: HttpRequest, payload: RuleIn) -> Status[TrafficRule]:
     model = get_or_404(DeployedModel.objects.all(), payload.model_id, "model")
     rule = rules.add_traffic_rule(
         model, purpose=payload.purpose, action=payload.action, target=rule_target(payload.target_id)
     )
-    return 201, find_rule(rule.pk)
+    return Status(201, find_rule(rule.pk))
 
 
 @traffic_rules.get("/rules/{rule_id}", response=RuleOut, summary="Get a traffic rule")
@@ -327,6 +327,6 @@ def update_rule(request: HttpRequest, rule_id: int, payload: RulePatch) -> Traff
 
 
 @traffic_rules.delete("/rules/{rule_id}", response={204: None}, summary="Remove a traffic rule")
-def delete_rule(request: HttpRequest, rule_id: int) -> tuple[int, None]:
+def delete_rule(request: HttpRequest, rule_id: int) -> Status[None]:
     rules.delete_traffic_rule(find_rule(rule_id))
-    return 204, None
+    return Status(204, None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import NON_FIELD_ERRORS
@@ -10,11 +11,14 @@ from django.core.exceptions import ValidationError as ModelValidationError
 from django.db.models.deletion import ProtectedError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
+from pydantic import ValidationError as PydanticValidationError
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as InputError
 
 from common.commands import validation_messages
 from gateway.errors import openai_error
+
+logger = logging.getLogger(__name__)
 
 CODES = {400: "invalid_value", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 409: "conflict"}
 
@@ -68,11 +72,18 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     return error(exc.status_code, exc.message)
 
 
+def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    # An answer that fails its own schema is the API's bug, not the caller's: a 500, logged, never a 400.
+    logger.error("Management API error on %s %s", request.method, request.path, exc_info=exc)
+    return error(500, "The management API failed to handle this request.", code="internal_error")
+
+
 def install(api: NinjaAPI) -> None:
     """Answer every failure of `api` in the envelope."""
     api.add_exception_handler(InputError, _input_error)
     api.add_exception_handler(HttpError, _http_error)
     api.add_exception_handler(ModelValidationError, _model_error)
     api.add_exception_handler(ValueError, lambda request, exc: error(400, str(exc)))
+    api.add_exception_handler(PydanticValidationError, _server_error)
     api.add_exception_handler(Http404, lambda request, exc: error(404, str(exc) or "Not found."))
     api.add_exception_handler(ProtectedError, lambda request, exc: error(409, exc.args[0]))

@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.db.models import F, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Router, Schema, Status
 from ninja.pagination import LimitOffsetPagination, paginate
 from pydantic import Field
 
@@ -76,7 +76,7 @@ def balance_of(user: User) -> Decimal:
     return Balance.objects.amount_of(user)
 
 
-def move_credits(request: HttpRequest, user_id: int, payload: CreditsIn, kind: str) -> tuple[int, CreditsMoved]:
+def move_credits(request: HttpRequest, user_id: int, payload: CreditsIn, kind: str) -> Status[CreditsMoved]:
     user = get_or_404(User.objects.all(), user_id, "user")
     source_id = f"{kind}:{payload.idempotency_key}" if payload.idempotency_key else None
     options = {"description": payload.description, "source_id": source_id, "created_by": request.auth}
@@ -95,13 +95,13 @@ def move_credits(request: HttpRequest, user_id: int, payload: CreditsIn, kind: s
                 code="conflict",
             )
         status = 200
-    return status, CreditsMoved(transaction=TransactionOut.from_orm(entry), balance=balance_of(user))
+    return Status(status, CreditsMoved(transaction=TransactionOut.from_orm(entry), balance=balance_of(user)))
 
 
 @credits.post(
     "/users/{user_id}/credit-grants", response={200: CreditsMoved, 201: CreditsMoved}, summary="Grant credits"
 )
-def grant(request: HttpRequest, user_id: int, payload: CreditsIn) -> tuple[int, CreditsMoved]:
+def grant(request: HttpRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_grant` ledger entry; the balance moves with it, in one transaction."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_GRANT)
 
@@ -109,7 +109,7 @@ def grant(request: HttpRequest, user_id: int, payload: CreditsIn) -> tuple[int, 
 @credits.post(
     "/users/{user_id}/credit-removals", response={200: CreditsMoved, 201: CreditsMoved}, summary="Remove credits"
 )
-def remove(request: HttpRequest, user_id: int, payload: CreditsIn) -> tuple[int, CreditsMoved]:
+def remove(request: HttpRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_removal` ledger entry. The balance may go negative."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_REMOVAL)
 
