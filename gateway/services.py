@@ -20,7 +20,6 @@ from common.limits import save_validated
 from gateway.demo import demo_credential
 from gateway.models import MODEL_LIMITS, DeployedModel, Endpoint, ModelKind, ResponsesApi, decrypt_credentials
 
-
 # What `update_endpoint` may change besides the credential.
 ENDPOINT_FIELDS = (
     "name",

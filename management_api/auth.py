@@ -16,6 +16,13 @@ from ninja.security import APIKeyCookie, HttpBearer
 from accounts.models import ApiKey, Purpose, User
 from accounts.services import hash_secret
 
+
+class ApiRequest(HttpRequest):
+    """A request the API let in: `auth` is the staff user it acts for."""
+
+    auth: User
+
+
 NOT_STAFF_MESSAGE = "The management API is for staff users only."
 
 
@@ -23,9 +30,7 @@ class PlatformKey(HttpBearer):
     """`Authorization: Bearer sk-…`: an active platform-purpose key of an active staff user."""
 
     def authenticate(self, request: HttpRequest, token: str) -> User:
-        api_key = (
-            ApiKey.objects.active().select_related("owner").filter(secret_hash=hash_secret(token.strip())).first()
-        )
+        api_key = ApiKey.objects.active().select_related("owner").filter(secret_hash=hash_secret(token.strip())).first()
         if api_key is None:
             raise AuthenticationError(message="The API key is unknown, revoked or expired.")
         if api_key.purpose != Purpose.PLATFORM:

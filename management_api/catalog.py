@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: django-ninja reads the views' annotations at run time.
 from datetime import datetime
+
 from django.db import transaction
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
@@ -256,7 +257,9 @@ def list_tariffs(request: HttpRequest, model_id: int, tier: Tier | None = None) 
 def create_tariff(request: HttpRequest, model_id: int, payload: TariffIn) -> Status[Tariff]:
     """Opens a new tariff version and closes the one in force: past calls keep the price they had."""
     model = find_model(model_id)
-    return Status(201, set_tariff(model, tier=payload.tier, input_price=payload.input_price, output_price=payload.output_price))
+    return Status(
+        201, set_tariff(model, tier=payload.tier, input_price=payload.input_price, output_price=payload.output_price)
+    )
 
 
 # --- traffic rules --------------------------------------------------------------------------

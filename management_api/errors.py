@@ -11,9 +11,9 @@ from django.core.exceptions import ValidationError as ModelValidationError
 from django.db.models.deletion import ProtectedError
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
-from pydantic import ValidationError as PydanticValidationError
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as InputError
+from pydantic import ValidationError as PydanticValidationError
 
 from common.commands import validation_messages
 from gateway.errors import openai_error
@@ -80,10 +80,15 @@ def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 def install(api: NinjaAPI) -> None:
     """Answer every failure of `api` in the envelope."""
-    api.add_exception_handler(InputError, _input_error)
-    api.add_exception_handler(HttpError, _http_error)
-    api.add_exception_handler(ModelValidationError, _model_error)
-    api.add_exception_handler(ValueError, lambda request, exc: error(400, str(exc)))
-    api.add_exception_handler(PydanticValidationError, _server_error)
-    api.add_exception_handler(Http404, lambda request, exc: error(404, str(exc) or "Not found."))
-    api.add_exception_handler(ProtectedError, lambda request, exc: error(409, exc.args[0]))
+    # ninja's hints type a handler's exception as `E | type[E]`; it is always called with an instance.
+    handlers: list[tuple[type[Exception], Any]] = [
+        (InputError, _input_error),
+        (HttpError, _http_error),
+        (ModelValidationError, _model_error),
+        (ValueError, lambda request, exc: error(400, str(exc))),
+        (PydanticValidationError, _server_error),
+        (Http404, lambda request, exc: error(404, str(exc) or "Not found.")),
+        (ProtectedError, lambda request, exc: error(409, exc.args[0])),
+    ]
+    for exception, handler in handlers:
+        api.add_exception_handler(exception, handler)

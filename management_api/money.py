@@ -14,6 +14,7 @@ from pydantic import Field
 from accounts.models import User
 from billing.models import Balance, CreditTransaction, TransactionKind
 from billing.services import grant_credits, remove_credits
+from management_api.auth import ApiRequest
 from management_api.errors import ApiError
 from management_api.schemas import Amount, Credits, get_or_404
 
@@ -76,7 +77,7 @@ def balance_of(user: User) -> Decimal:
     return Balance.objects.amount_of(user)
 
 
-def move_credits(request: HttpRequest, user_id: int, payload: CreditsIn, kind: str) -> Status[CreditsMoved]:
+def move_credits(request: ApiRequest, user_id: int, payload: CreditsIn, kind: str) -> Status[CreditsMoved]:
     user = get_or_404(User.objects.all(), user_id, "user")
     source_id = f"{kind}:{payload.idempotency_key}" if payload.idempotency_key else None
     options = {"description": payload.description, "source_id": source_id, "created_by": request.auth}
@@ -101,7 +102,7 @@ def move_credits(request: HttpRequest, user_id: int, payload: CreditsIn, kind: s
 @credits.post(
     "/users/{user_id}/credit-grants", response={200: CreditsMoved, 201: CreditsMoved}, summary="Grant credits"
 )
-def grant(request: HttpRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
+def grant(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_grant` ledger entry; the balance moves with it, in one transaction."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_GRANT)
 
@@ -109,7 +110,7 @@ def grant(request: HttpRequest, user_id: int, payload: CreditsIn) -> Status[Cred
 @credits.post(
     "/users/{user_id}/credit-removals", response={200: CreditsMoved, 201: CreditsMoved}, summary="Remove credits"
 )
-def remove(request: HttpRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
+def remove(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_removal` ledger entry. The balance may go negative."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_REMOVAL)
 

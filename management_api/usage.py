@@ -144,9 +144,7 @@ def usage_row(values: dict[str, Any]) -> UsageRow:
 
 
 @usage.get("/usage", response=UsageReport, exclude_none=True, summary="Usage added up over a period")
-def usage_report(
-    request: HttpRequest, filters: Query[LogFilters], group_by: GroupBy = GroupBy.MODEL
-) -> UsageReport:
+def usage_report(request: HttpRequest, filters: Query[LogFilters], group_by: GroupBy = GroupBy.MODEL) -> UsageReport:
     """Requests, errors, tokens and cost from the request log, by user, key, model or UTC day; the same
     filters as the request log narrow it."""
     since, until = filters.bounds()

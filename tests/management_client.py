@@ -26,9 +26,7 @@ class ManagementClient:
         if method in ("get", "delete") and body is None:
             response = send(f"{BASE}{path}", params, headers=self.headers)
         else:
-            response = send(
-                f"{BASE}{path}", orjson.dumps(body), content_type="application/json", headers=self.headers
-            )
+            response = send(f"{BASE}{path}", orjson.dumps(body), content_type="application/json", headers=self.headers)
         if response.status_code >= 400:
             assert response["Content-Type"] == "application/json", response.content
             assert_conforms(orjson.loads(response.content), "ErrorResponse")

@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 
 from accounts.models import Purpose
 from accounts.services import create_api_key, revoke_api_key
-from tests.management_client import BASE, ManagementClient, api, error_of, platform_key  # noqa: F401
+from tests.management_client import BASE, ManagementClient, error_of
 
 pytestmark = pytest.mark.django_db
 
@@ -50,9 +50,7 @@ def test_a_revoked_key_is_a_401_at_once(admin_user):
 
 
 def test_an_expired_key_is_a_401(admin_user):
-    secret = create_api_key(
-        admin_user, purpose=Purpose.PLATFORM, expires_at=timezone.now() - timedelta(seconds=1)
-    )[1]
+    secret = create_api_key(admin_user, purpose=Purpose.PLATFORM, expires_at=timezone.now() - timedelta(seconds=1))[1]
     assert ManagementClient(secret).get("/users").status_code == 401
 
 
@@ -232,4 +230,3 @@ def test_the_docs_page_needs_nothing_from_another_host(gateway_server):
         served = httpx.get(f"{gateway_server.url}{asset}", timeout=10)
         assert served.status_code == 200, asset
         assert served.content
-

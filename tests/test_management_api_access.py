@@ -12,7 +12,7 @@ from accounts.models import AccessGroup, ApiKey, User
 from accounts.services import hash_secret
 from billing.models import CreditTransaction, TransactionKind
 from gateway.services import add_endpoint, add_model
-from tests.management_client import api, error_of, platform_key  # noqa: F401
+from tests.management_client import error_of
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +30,12 @@ def test_a_user_is_created_with_groups_and_an_opening_balance_in_the_ledger(api)
     response = api.post("/users", {"username": "dana", "groups": ["research"], "credits": "12.5"})
     assert response.status_code == 201
     body = response.json()
-    assert (body["username"], body["balance"], body["groups"], body["is_staff"]) == ("dana", "12.5", ["research"], False)
+    assert (body["username"], body["balance"], body["groups"], body["is_staff"]) == (
+        "dana",
+        "12.5",
+        ["research"],
+        False,
+    )
     user = User.objects.get(username="dana")
     assert not user.has_usable_password()
     entry = CreditTransaction.objects.get(user=user)
@@ -197,4 +202,3 @@ def test_an_expired_key_reads_as_expired(api, user_with_credits):
     expires = (timezone.now() - timedelta(minutes=1)).isoformat()
     response = api.post("/keys", {"owner_id": user_with_credits.pk, "expires_at": expires})
     assert response.json()["status"] == "expired"
-

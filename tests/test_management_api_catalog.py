@@ -11,7 +11,7 @@ from billing.models import Tariff
 from gateway.models import DeployedModel, Endpoint
 from gateway.services import add_endpoint, add_model
 from routing_rules.models import TrafficRule
-from tests.management_client import api, error_of, platform_key  # noqa: F401
+from tests.management_client import error_of
 
 pytestmark = pytest.mark.django_db
 

@@ -14,7 +14,7 @@ from accounts.services import create_api_key
 from billing.models import Balance, CreditTransaction, TransactionKind
 from gateway.models import RequestLog
 from tests.conftest import HELLO, REALTIME_COST, settle
-from tests.management_client import ManagementClient, api, error_of, platform_key  # noqa: F401
+from tests.management_client import ManagementClient, error_of
 
 pytestmark = pytest.mark.django_db
 
