@@ -6,13 +6,54 @@ package's own static files: no CDN, so the docs work offline).
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
+from ninja.openapi.schema import OpenAPISchema
 
 from management_api import access, catalog, errors, money, usage
 from management_api.auth import PlatformKey, StaffSession
 
-api = NinjaAPI(
+# The envelope every failure is answered in, as the OpenAPI description names it.
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "examples": ["invalid_request_error", "permission_denied"]},
+                "param": {"type": ["string", "null"], "description": "The field at fault, when one is."},
+                "code": {"type": ["string", "null"], "examples": ["not_found", "missing_credential"]},
+            },
+        }
+    },
+}
+FAILURES = {
+    "400": "Bad input: `param` names the field.",
+    "401": "No credential, or an unknown, revoked or expired key.",
+    "403": "Not a platform key, not a staff user, or a write without its CSRF token.",
+    "404": "No such object.",
+}
+
+
+class ManagementApi(NinjaAPI):
+    def get_openapi_schema(self, *, path_prefix: str | None = None, path_params: Any = None) -> OpenAPISchema:
+        """ninja's description, with the error envelope named on every operation."""
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        schema["components"]["schemas"]["Error"] = ERROR_SCHEMA
+        failure = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for item in schema["paths"].values():
+            for operation in item.values():
+                for status, description in FAILURES.items():
+                    operation["responses"].setdefault(status, {"description": description, **failure})
+        return schema
+
+
+api = ManagementApi(
     title="dwctl management API",
     version="1",
     description=(

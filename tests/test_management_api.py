@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import orjson
@@ -208,13 +209,21 @@ def test_the_openapi_document_lists_every_resource_and_holds_together(db):
     assert document["openapi"].startswith("3.")
     assert {path.removeprefix(BASE) for path in document["paths"]} == RESOURCES
     schemas = document["components"]["schemas"]
-    for name, schema in schemas.items():
-        Draft202012Validator.check_schema(schema), name
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
     assert {ref.removeprefix("#/components/schemas/") for ref in refs(document)} <= set(schemas)
     operation_ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
     assert len(operation_ids) == len(set(operation_ids))
     # Both ways in: a bearer platform key and the admin's session.
     assert {scheme["type"] for scheme in document["components"]["securitySchemes"].values()} == {"http", "apiKey"}
+    # Every operation names the error envelope, and it is the one the API answers (and OpenAI's).
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"
+            }
+    unauthenticated = Client().get(f"{BASE}/users").json()
+    Draft202012Validator(schemas["Error"]).validate(unauthenticated)
     # The credential is write-only: it is in no answer's schema.
     assert "api_key" not in schemas["EndpointOut"]["properties"]
     assert "api_key" in schemas["EndpointIn"]["properties"]
@@ -230,3 +239,36 @@ def test_the_docs_page_needs_nothing_from_another_host(gateway_server):
         served = httpx.get(f"{gateway_server.url}{asset}", timeout=10)
         assert served.status_code == 200, asset
         assert served.content
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package")
+def test_the_docs_render_in_a_browser_cut_off_from_every_other_host(gateway_server):
+    from playwright.sync_api import Route, sync_playwright
+
+    elsewhere: list[str] = []
+
+    def only_the_gateway(route: Route) -> None:
+        if route.request.url.startswith(gateway_server.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_the_gateway)
+            page.goto(f"{gateway_server.url}{BASE}/docs")
+            # Swagger UI draws one block per operation once it has read openapi.json.
+            page.wait_for_selector(".opblock", timeout=20_000)
+            operations = page.locator(".opblock").count()
+            title = page.locator(".title").first.inner_text()
+        finally:
+            browser.close()
+    assert not elsewhere
+    assert operations == sum(len(methods) for methods in Client().get(f"{BASE}/openapi.json").json()["paths"].values())
+    assert "dwctl management API" in title
