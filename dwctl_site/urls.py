@@ -5,13 +5,13 @@ from django.views import defaults
 from gateway import demo
 from gateway.errors import openai_error
 from gateway.exposition import metrics
-from management_api.api import api as management_api
 from management_api.api import unknown_path
+from management_api.api import urls as management_api_urls
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
     # Before the admin's own URLs, whose catch-all would otherwise take these paths.
-    path("admin/api/v1/", management_api.urls),
+    path("admin/api/v1/", management_api_urls()),
     path("admin/api/<path:rest>", unknown_path),
     path("admin/", admin.site.urls),
     path("metrics", metrics, name="metrics"),

@@ -6,9 +6,12 @@ package's own static files: no CDN, so the docs work offline).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.urls import URLPattern, URLResolver
 from ninja import NinjaAPI
 from ninja.openapi.schema import OpenAPISchema
 
@@ -78,6 +81,36 @@ for router in (
     usage.usage,
 ):
     api.add_router("", router)
+
+
+def _method_not_allowed_enveloped(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """ninja answers a method a path lacks in plain text; the API answers every failure in the envelope."""
+
+    @functools.wraps(view)
+    def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        if not isinstance(response, HttpResponseNotAllowed):
+            return response
+        allowed = response["Allow"]
+        refused = errors.error(
+            405, f"{request.method} is not allowed on {request.path}: use {allowed}.", code="method_not_allowed"
+        )
+        refused["Allow"] = allowed
+        return refused
+
+    return answer
+
+
+def urls() -> tuple[list[URLPattern | URLResolver], str, str]:
+    """The API's URL patterns, for `include`."""
+    patterns, app_name, namespace = api.urls
+    wrapped: list[URLPattern | URLResolver] = [
+        URLPattern(p.pattern, _method_not_allowed_enveloped(p.callback), p.default_args, p.name)
+        if isinstance(p, URLPattern)
+        else p
+        for p in patterns
+    ]
+    return wrapped, app_name, namespace
 
 
 def unknown_path(request: HttpRequest, rest: str) -> HttpResponse:

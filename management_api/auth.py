@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
+from django.utils import timezone
 from ninja.errors import AuthenticationError, AuthorizationError
 from ninja.security import APIKeyCookie, HttpBearer
 
@@ -39,6 +40,8 @@ class PlatformKey(HttpBearer):
             )
         if not (api_key.owner.is_active and api_key.owner.is_staff):
             raise AuthorizationError(message=NOT_STAFF_MESSAGE)
+        # An update(), not a save(): a key's last use is no change the auth snapshot must be rebuilt for.
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=timezone.now())
         return api_key.owner
 
 

@@ -14,7 +14,7 @@ from django.test import Client
 from django.utils import timezone
 from jsonschema import Draft202012Validator
 
-from accounts.models import Purpose
+from accounts.models import ApiKey, Purpose
 from accounts.services import create_api_key, revoke_api_key
 from tests.management_client import BASE, ManagementClient, error_of
 
@@ -35,6 +35,14 @@ def test_a_platform_key_of_a_staff_user_is_let_in(api, admin_user):
     response = api.get("/users")
     assert response.status_code == 200
     assert [user["username"] for user in response.json()["items"]] == ["admin"]
+
+
+def test_a_platform_keys_use_is_on_record(api, admin_user):
+    api_key = ApiKey.objects.get(owner=admin_user, purpose=Purpose.PLATFORM)
+    assert api_key.last_used_at is None
+    api.get("/users")
+    api_key.refresh_from_db()
+    assert api_key.last_used_at is not None
 
 
 def test_an_unknown_key_is_a_401(db):
@@ -154,6 +162,13 @@ def test_an_unknown_object_is_a_404_naming_it(api):
         "param": None,
         "code": "not_found",
     }
+
+
+def test_a_method_a_path_lacks_is_a_405_in_the_envelope(api):
+    response = api.patch("/users", {"email": "x@example.com"})
+    assert response.status_code == 405
+    assert error_of(response)["code"] == "method_not_allowed"
+    assert set(response["Allow"].split(", ")) == {"GET", "POST"}
 
 
 def test_an_unknown_path_is_a_404_in_the_envelope(api):
