@@ -220,10 +220,10 @@ def update_model(request: HttpRequest, model_id: int, payload: ModelPatch) -> De
     """Limits: null removes one (flex concurrency goes back to its default). Prices: POST a tariff."""
     model = find_model(model_id)
     given = payload.dict(exclude_unset=True)
-    fields = {name: given.pop(name) for name in ("upstream_model", "kind") if given.get(name) is not None}
-    if given.get("endpoint_id") is not None:
-        fields["endpoint"] = get_or_404(Endpoint.objects.all(), given.pop("endpoint_id"), "endpoint")
-    given.pop("endpoint_id", None)
+    # What serves the model (null: left as it is); the rest are limits.
+    fields = {name: value for name in ("upstream_model", "kind") if (value := given.pop(name, None)) is not None}
+    if (endpoint_id := given.pop("endpoint_id", None)) is not None:
+        fields["endpoint"] = get_or_404(Endpoint.objects.all(), endpoint_id, "endpoint")
     if fields:
         catalog.update_model(model, **fields)
     if given:

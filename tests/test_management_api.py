@@ -244,6 +244,7 @@ def test_the_openapi_document_lists_every_resource_and_holds_together(db):
     assert "api_key" in schemas["EndpointIn"]["properties"]
 
 
+@pytest.mark.django_db(transaction=True)  # as every test of the live gateway: its threads see committed rows only
 def test_the_docs_page_needs_nothing_from_another_host(gateway_server):
     page = httpx.get(f"{gateway_server.url}{BASE}/docs", timeout=10)
     assert page.status_code == 200
@@ -260,6 +261,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package")
+@pytest.mark.django_db(transaction=True)
 def test_the_docs_render_in_a_browser_cut_off_from_every_other_host(gateway_server):
     from playwright.sync_api import Route, sync_playwright
 

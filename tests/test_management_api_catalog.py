@@ -159,7 +159,9 @@ def test_a_model_changes_endpoint_and_limits_in_one_call(api, model):
         20,
         4,
     )
-    reset = api.patch(f"/models/{model.pk}", {"burst_size": None, "flex_concurrency": None}).json()
+    reset = api.patch(
+        f"/models/{model.pk}", {"burst_size": None, "flex_concurrency": None, "upstream_model": None}
+    ).json()
     assert (reset["burst_size"], reset["flex_concurrency"], reset["requests_per_second"]) == (None, 10, 10)
 
 
