@@ -15,6 +15,7 @@ from accounts import services as accounts
 from accounts.models import AccessGroup, ApiKey, Purpose, SpendWindow, User
 from billing import services as billing
 from gateway.models import DeployedModel
+from management_api.auth import permits
 from management_api.schemas import Amount, Credits, Positive, get_or_404
 
 users = Router(tags=["users"])
@@ -82,6 +83,7 @@ def find_user(user_id: int) -> User:
 
 @users.get("/users", response=list[UserOut], summary="List users")
 @paginate(LimitOffsetPagination)
+@permits("accounts.view_user")
 def list_users(request: HttpRequest, search: str | None = None, is_staff: bool | None = None) -> QuerySet[User]:
     rows = user_rows()
     if search:
@@ -92,6 +94,7 @@ def list_users(request: HttpRequest, search: str | None = None, is_staff: bool |
 
 
 @users.post("/users", response={201: UserOut}, summary="Create a user")
+@permits("accounts.add_user")
 def create_user(request: HttpRequest, payload: UserIn) -> Status[User]:
     user = billing.create_user(
         payload.username,
@@ -106,11 +109,13 @@ def create_user(request: HttpRequest, payload: UserIn) -> Status[User]:
 
 
 @users.get("/users/{user_id}", response=UserOut, summary="Get a user")
+@permits("accounts.view_user")
 def get_user(request: HttpRequest, user_id: int) -> User:
     return find_user(user_id)
 
 
 @users.patch("/users/{user_id}", response=UserOut, summary="Change a user")
+@permits("accounts.change_user")
 def update_user(request: HttpRequest, user_id: int, payload: UserPatch) -> User:
     """Deactivate a user with `is_active: false`: users are never deleted, their ledger stays."""
     changes = payload.dict(exclude_unset=True)
@@ -158,6 +163,7 @@ def find_group(group_id: int) -> AccessGroup:
 
 @groups.get("/groups", response=list[GroupOut], summary="List access groups")
 @paginate(LimitOffsetPagination)
+@permits("accounts.view_accessgroup")
 def list_groups(request: HttpRequest) -> QuerySet[AccessGroup]:
     return (
         AccessGroup.objects.annotate(member_total=Count("members", distinct=True))
@@ -167,23 +173,27 @@ def list_groups(request: HttpRequest) -> QuerySet[AccessGroup]:
 
 
 @groups.post("/groups", response={201: GroupOut}, summary="Create an access group")
+@permits("accounts.add_accessgroup")
 def create_group(request: HttpRequest, payload: GroupIn) -> Status[AccessGroup]:
     group = accounts.create_access_group(payload.name, description=payload.description)
     return Status(201, find_group(group.pk))
 
 
 @groups.get("/groups/{group_id}", response=GroupOut, summary="Get an access group")
+@permits("accounts.view_accessgroup")
 def get_group(request: HttpRequest, group_id: int) -> AccessGroup:
     return find_group(group_id)
 
 
 @groups.patch("/groups/{group_id}", response=GroupOut, summary="Rename an access group or change its description")
+@permits("accounts.change_accessgroup")
 def update_group(request: HttpRequest, group_id: int, payload: GroupPatch) -> AccessGroup:
     accounts.update_access_group(find_group(group_id), name=payload.name, description=payload.description)
     return find_group(group_id)
 
 
 @groups.delete("/groups/{group_id}", response={204: None}, summary="Delete an access group")
+@permits("accounts.delete_accessgroup")
 def delete_group(request: HttpRequest, group_id: int) -> Status[None]:
     accounts.delete_access_group(find_group(group_id))
     return Status(204, None)
@@ -191,30 +201,35 @@ def delete_group(request: HttpRequest, group_id: int) -> Status[None]:
 
 @groups.get("/groups/{group_id}/members", response=list[UserOut], summary="List a group's members")
 @paginate(LimitOffsetPagination)
+@permits("accounts.view_accessgroup")
 def list_members(request: HttpRequest, group_id: int) -> QuerySet[User]:
     group = find_group(group_id)
     return user_rows() if group.is_builtin else user_rows().filter(access_groups=group)
 
 
 @groups.put("/groups/{group_id}/members/{user_id}", response={204: None}, summary="Add a user to a group")
+@permits("accounts.change_accessgroup")
 def add_member(request: HttpRequest, group_id: int, user_id: int) -> Status[None]:
     accounts.add_group_member(find_group(group_id), find_user(user_id))
     return Status(204, None)
 
 
 @groups.delete("/groups/{group_id}/members/{user_id}", response={204: None}, summary="Take a user out of a group")
+@permits("accounts.change_accessgroup")
 def remove_member(request: HttpRequest, group_id: int, user_id: int) -> Status[None]:
     accounts.remove_group_member(find_group(group_id), find_user(user_id))
     return Status(204, None)
 
 
 @groups.put("/groups/{group_id}/models/{model_id}", response={204: None}, summary="Let a group's members call a model")
+@permits("accounts.change_accessgroup")
 def add_model(request: HttpRequest, group_id: int, model_id: int) -> Status[None]:
     accounts.add_group_model(find_group(group_id), get_or_404(DeployedModel.objects.all(), model_id, "model"))
     return Status(204, None)
 
 
 @groups.delete("/groups/{group_id}/models/{model_id}", response={204: None}, summary="Take a model out of a group")
+@permits("accounts.change_accessgroup")
 def remove_model(request: HttpRequest, group_id: int, model_id: int) -> Status[None]:
     accounts.remove_group_model(find_group(group_id), get_or_404(DeployedModel.objects.all(), model_id, "model"))
     return Status(204, None)
@@ -281,6 +296,7 @@ def find_key(key_id: int) -> ApiKey:
 
 @keys.get("/keys", response=list[KeyOut], summary="List API keys")
 @paginate(LimitOffsetPagination)
+@permits("accounts.view_apikey")
 def list_keys(
     request: HttpRequest, owner_id: int | None = None, purpose: Purpose | None = None, revoked: bool | None = None
 ) -> QuerySet[ApiKey]:
@@ -295,6 +311,7 @@ def list_keys(
 
 
 @keys.post("/keys", response={201: KeyCreated}, summary="Create an API key (its secret is in this answer only)")
+@permits("accounts.add_apikey")
 def create_key(request: HttpRequest, payload: KeyIn) -> Status[ApiKey]:
     owner = get_or_404(User.objects.all(), payload.owner_id, "user")
     limits = payload.dict(include=set(KeyLimits.model_fields))
@@ -311,11 +328,13 @@ def create_key(request: HttpRequest, payload: KeyIn) -> Status[ApiKey]:
 
 
 @keys.get("/keys/{key_id}", response=KeyOut, summary="Get an API key")
+@permits("accounts.view_apikey")
 def get_key(request: HttpRequest, key_id: int) -> ApiKey:
     return find_key(key_id)
 
 
 @keys.patch("/keys/{key_id}", response=KeyOut, summary="Change a key's limits (null removes one)")
+@permits("accounts.change_apikey")
 def update_key(request: HttpRequest, key_id: int, payload: KeyLimits) -> ApiKey:
     limits = payload.dict(exclude_unset=True)
     if "spend_window" in limits:
@@ -325,6 +344,7 @@ def update_key(request: HttpRequest, key_id: int, payload: KeyLimits) -> ApiKey:
 
 
 @keys.post("/keys/{key_id}/revoke", response=KeyOut, summary="Revoke an API key")
+@permits("accounts.change_apikey")
 def revoke_key(request: HttpRequest, key_id: int) -> ApiKey:
     """Every gateway process refuses the key within a second. Revoking twice keeps the first time."""
     return accounts.revoke_api_key(find_key(key_id))

@@ -1,4 +1,5 @@
-"""Who may call the management API: a staff user, through one of their platform keys or their admin session.
+"""Who may call the management API: a staff user, through one of their platform keys or their admin session,
+and for each operation only with the Django permission the admin asks for the same thing (superusers have all).
 
 A platform key is looked up in the database on every call (this is not the hot path), so a revoked
 key is refused at once.
@@ -6,7 +7,9 @@ key is refused at once.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.http import HttpRequest
@@ -61,3 +64,23 @@ class StaffSession(APIKeyCookie):
         if not (user.is_active and user.is_staff):
             raise AuthorizationError(message=NOT_STAFF_MESSAGE)
         return user
+
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def permits(permission: str) -> Callable[[View], View]:
+    """Let the view run only for a user holding `permission` (`app_label.codename`), as the admin would."""
+
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        def checked(request: ApiRequest, *args: Any, **kwargs: Any) -> Any:
+            if not request.auth.has_perm(permission):
+                raise AuthorizationError(message=f"This needs the permission '{permission}', which you do not have.")
+            return view(request, *args, **kwargs)
+
+        # In the OpenAPI description too (ninja takes a view's docstring for it).
+        checked.__doc__ = f"{(view.__doc__ or '').strip()}\n\nNeeds the permission `{permission}`.".strip()
+        return checked  # type: ignore[return-value]
+
+    return decorate

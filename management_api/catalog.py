@@ -15,6 +15,7 @@ from billing.models import Tariff, Tier
 from billing.services import set_tariff
 from gateway import services as catalog
 from gateway.models import DeployedModel, Endpoint, ModelKind, ResponsesApi
+from management_api.auth import permits
 from management_api.errors import ApiError
 from management_api.schemas import Positive, Price, get_or_404
 from routing_rules import services as rules
@@ -67,11 +68,13 @@ def endpoint_fields(payload: EndpointPatch) -> dict[str, object]:
 
 @endpoints.get("/endpoints", response=list[EndpointOut], summary="List upstream endpoints")
 @paginate(LimitOffsetPagination)
+@permits("gateway.view_endpoint")
 def list_endpoints(request: HttpRequest) -> QuerySet[Endpoint]:
     return Endpoint.objects.order_by("name")
 
 
 @endpoints.post("/endpoints", response={201: EndpointOut}, summary="Add an upstream endpoint")
+@permits("gateway.add_endpoint")
 def create_endpoint(request: HttpRequest, payload: EndpointIn) -> Status[Endpoint]:
     if Endpoint.objects.filter(name=payload.name).exists():
         raise ApiError(409, f"An endpoint named '{payload.name}' already exists.", param="name", code="conflict")
@@ -79,17 +82,20 @@ def create_endpoint(request: HttpRequest, payload: EndpointIn) -> Status[Endpoin
 
 
 @endpoints.get("/endpoints/{endpoint_id}", response=EndpointOut, summary="Get an endpoint")
+@permits("gateway.view_endpoint")
 def get_endpoint(request: HttpRequest, endpoint_id: int) -> Endpoint:
     return get_or_404(Endpoint.objects.all(), endpoint_id, "endpoint")
 
 
 @endpoints.patch("/endpoints/{endpoint_id}", response=EndpointOut, summary="Change an endpoint")
+@permits("gateway.change_endpoint")
 def update_endpoint(request: HttpRequest, endpoint_id: int, payload: EndpointPatch) -> Endpoint:
     endpoint = get_or_404(Endpoint.objects.all(), endpoint_id, "endpoint")
     return catalog.update_endpoint(endpoint, api_key=payload.api_key, **endpoint_fields(payload))
 
 
 @endpoints.delete("/endpoints/{endpoint_id}", response={204: None}, summary="Delete an endpoint that serves no model")
+@permits("gateway.delete_endpoint")
 def delete_endpoint(request: HttpRequest, endpoint_id: int) -> Status[None]:
     catalog.delete_endpoint(get_or_404(Endpoint.objects.all(), endpoint_id, "endpoint"))
     return Status(204, None)
@@ -193,12 +199,14 @@ def find_model(model_id: int) -> DeployedModel:
 
 @models.get("/models", response=list[ModelOut], summary="List models")
 @paginate(LimitOffsetPagination)
+@permits("gateway.view_deployedmodel")
 def list_models(request: HttpRequest, retired: bool | None = None) -> QuerySet[DeployedModel]:
     rows = model_rows()
     return rows if retired is None else rows.filter(deleted_at__isnull=not retired)
 
 
 @models.post("/models", response={201: ModelOut}, summary="Deploy a model, with its prices and access")
+@permits("gateway.add_deployedmodel")
 def create_model(request: HttpRequest, payload: ModelIn) -> Status[DeployedModel]:
     endpoint = get_or_404(Endpoint.objects.all(), payload.endpoint_id, "endpoint")
     model = catalog.add_model(
@@ -210,12 +218,14 @@ def create_model(request: HttpRequest, payload: ModelIn) -> Status[DeployedModel
 
 
 @models.get("/models/{model_id}", response=ModelOut, summary="Get a model")
+@permits("gateway.view_deployedmodel")
 def get_model(request: HttpRequest, model_id: int) -> DeployedModel:
     return find_model(model_id)
 
 
 @models.patch("/models/{model_id}", response=ModelOut, summary="Change a model: what serves it, its limits")
 @transaction.atomic
+@permits("gateway.change_deployedmodel")
 def update_model(request: HttpRequest, model_id: int, payload: ModelPatch) -> DeployedModel:
     """Limits: null removes one (flex concurrency goes back to its default). Prices: POST a tariff."""
     model = find_model(model_id)
@@ -234,6 +244,7 @@ def update_model(request: HttpRequest, model_id: int, payload: ModelPatch) -> De
 
 
 @models.delete("/models/{model_id}", response=ModelOut, summary="Retire a model (soft delete)")
+@permits("gateway.change_deployedmodel")
 def retire_model(request: HttpRequest, model_id: int) -> DeployedModel:
     """Clients can no longer call it; its price history and past calls keep it. Restore brings it back."""
     catalog.retire_model(find_model(model_id))
@@ -241,6 +252,7 @@ def retire_model(request: HttpRequest, model_id: int) -> DeployedModel:
 
 
 @models.post("/models/{model_id}/restore", response=ModelOut, summary="Bring a retired model back")
+@permits("gateway.change_deployedmodel")
 def restore_model(request: HttpRequest, model_id: int) -> DeployedModel:
     catalog.restore_model(find_model(model_id))
     return find_model(model_id)
@@ -248,12 +260,14 @@ def restore_model(request: HttpRequest, model_id: int) -> DeployedModel:
 
 @models.get("/models/{model_id}/tariffs", response=list[TariffOut], summary="A model's price history")
 @paginate(LimitOffsetPagination)
+@permits("billing.view_tariff")
 def list_tariffs(request: HttpRequest, model_id: int, tier: Tier | None = None) -> QuerySet[Tariff]:
     rows = find_model(model_id).tariffs.order_by("tier", "-valid_from")
     return rows if tier is None else rows.filter(tier=tier)
 
 
 @models.post("/models/{model_id}/tariffs", response={201: TariffOut}, summary="Set a model's price at a tier")
+@permits("gateway.change_deployedmodel")
 def create_tariff(request: HttpRequest, model_id: int, payload: TariffIn) -> Status[Tariff]:
     """Opens a new tariff version and closes the one in force: past calls keep the price they had."""
     model = find_model(model_id)
@@ -304,12 +318,14 @@ def rule_target(target_id: int | None) -> DeployedModel | None:
 
 @traffic_rules.get("/rules", response=list[RuleOut], summary="List traffic rules")
 @paginate(LimitOffsetPagination)
+@permits("routing_rules.view_trafficrule")
 def list_rules(request: HttpRequest, model_id: int | None = None) -> QuerySet[TrafficRule]:
     rows = TrafficRule.objects.select_related("model", "target").order_by("model__alias", "purpose")
     return rows if model_id is None else rows.filter(model_id=model_id)
 
 
 @traffic_rules.post("/rules", response={201: RuleOut}, summary="Deny or redirect a model for keys of one purpose")
+@permits("routing_rules.add_trafficrule")
 def create_rule(request: HttpRequest, payload: RuleIn) -> Status[TrafficRule]:
     model = get_or_404(DeployedModel.objects.all(), payload.model_id, "model")
     rule = rules.add_traffic_rule(
@@ -319,17 +335,20 @@ def create_rule(request: HttpRequest, payload: RuleIn) -> Status[TrafficRule]:
 
 
 @traffic_rules.get("/rules/{rule_id}", response=RuleOut, summary="Get a traffic rule")
+@permits("routing_rules.view_trafficrule")
 def get_rule(request: HttpRequest, rule_id: int) -> TrafficRule:
     return find_rule(rule_id)
 
 
 @traffic_rules.patch("/rules/{rule_id}", response=RuleOut, summary="Change what a traffic rule does")
+@permits("routing_rules.change_trafficrule")
 def update_rule(request: HttpRequest, rule_id: int, payload: RulePatch) -> TrafficRule:
     rules.update_traffic_rule(find_rule(rule_id), action=payload.action, target=rule_target(payload.target_id))
     return find_rule(rule_id)
 
 
 @traffic_rules.delete("/rules/{rule_id}", response={204: None}, summary="Remove a traffic rule")
+@permits("routing_rules.delete_trafficrule")
 def delete_rule(request: HttpRequest, rule_id: int) -> Status[None]:
     rules.delete_traffic_rule(find_rule(rule_id))
     return Status(204, None)

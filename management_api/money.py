@@ -14,7 +14,7 @@ from pydantic import Field
 from accounts.models import User
 from billing.models import Balance, CreditTransaction, TransactionKind
 from billing.services import grant_credits, remove_credits
-from management_api.auth import ApiRequest
+from management_api.auth import ApiRequest, permits
 from management_api.errors import ApiError
 from management_api.schemas import Amount, Credits, get_or_404
 
@@ -102,6 +102,7 @@ def move_credits(request: ApiRequest, user_id: int, payload: CreditsIn, kind: st
 @credits.post(
     "/users/{user_id}/credit-grants", response={200: CreditsMoved, 201: CreditsMoved}, summary="Grant credits"
 )
+@permits("billing.add_credittransaction")
 def grant(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_grant` ledger entry; the balance moves with it, in one transaction."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_GRANT)
@@ -110,6 +111,7 @@ def grant(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[Credi
 @credits.post(
     "/users/{user_id}/credit-removals", response={200: CreditsMoved, 201: CreditsMoved}, summary="Remove credits"
 )
+@permits("billing.add_credittransaction")
 def remove(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[CreditsMoved]:
     """An `admin_removal` ledger entry. The balance may go negative."""
     return move_credits(request, user_id, payload, TransactionKind.ADMIN_REMOVAL)
@@ -117,17 +119,20 @@ def remove(request: ApiRequest, user_id: int, payload: CreditsIn) -> Status[Cred
 
 @credits.get("/users/{user_id}/transactions", response=list[TransactionOut], summary="A user's ledger, newest first")
 @paginate(LimitOffsetPagination)
+@permits("billing.view_credittransaction")
 def list_transactions(request: HttpRequest, user_id: int, kind: TransactionKind | None = None) -> object:
     rows = get_or_404(User.objects.all(), user_id, "user").credit_transactions.order_by("-created_at", "-id")
     return rows if kind is None else rows.filter(kind=kind)
 
 
 @credits.get("/users/{user_id}/balance", response=BalanceOut, summary="A user's balance")
+@permits("billing.view_balance")
 def get_balance(request: HttpRequest, user_id: int) -> User:
     return get_or_404(balance_rows(), user_id, "user")
 
 
 @credits.get("/balances", response=list[BalanceOut], summary="Every user's balance, lowest first")
 @paginate(LimitOffsetPagination)
+@permits("billing.view_balance")
 def list_balances(request: HttpRequest) -> QuerySet[User]:
     return balance_rows().order_by(Coalesce("balance_amount", Value(Decimal(0))), "id")

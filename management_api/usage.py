@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from billing.models import Tier
 from gateway.models import RequestLog
+from management_api.auth import permits
 from management_api.schemas import Credits
 
 usage = Router(tags=["usage"])
@@ -144,6 +145,7 @@ def usage_row(values: dict[str, Any]) -> UsageRow:
 
 
 @usage.get("/usage", response=UsageReport, exclude_none=True, summary="Usage added up over a period")
+@permits("gateway.view_requestlog")
 def usage_report(request: HttpRequest, filters: Query[LogFilters], group_by: GroupBy = GroupBy.MODEL) -> UsageReport:
     """Requests, errors, tokens and cost from the request log, by user, key, model or UTC day; the same
     filters as the request log narrow it."""
@@ -197,6 +199,7 @@ class RequestPages(CursorPagination):
 
 @usage.get("/requests", response=list[RequestOut], summary="The request log, filtered")
 @paginate(RequestPages, ordering=("-created_at", "-id"))
+@permits("gateway.view_requestlog")
 def list_requests(request: HttpRequest, filters: Query[LogFilters]) -> QuerySet[RequestLog]:
     """Every /ai/ answer, refusals included. The period defaults to the last 30 days."""
     return filters.apply(RequestLog.objects.all())

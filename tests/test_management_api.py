@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 
 from accounts.models import ApiKey, Purpose
 from accounts.services import create_api_key, revoke_api_key
+from billing.services import create_user
 from tests.management_client import BASE, ManagementClient, error_of
 
 pytestmark = pytest.mark.django_db
@@ -89,6 +90,34 @@ def test_a_platform_key_of_a_staff_user_since_deactivated_is_a_403(admin_user, a
     admin_user.is_active = False
     admin_user.save()
     assert api.get("/users").status_code == 403
+
+
+def test_a_staff_user_may_do_what_their_permissions_allow_as_in_the_admin(db):
+    from django.contrib.auth.models import Permission
+
+    operator = create_user("operator", is_staff=True)
+    api = ManagementClient(create_api_key(operator, purpose=Purpose.PLATFORM)[1])
+    refused = api.get("/users")
+    assert refused.status_code == 403
+    assert "accounts.view_user" in error_of(refused)["message"]
+
+    operator.user_permissions.add(Permission.objects.get(codename="view_user"))
+    operator = type(operator).objects.get(pk=operator.pk)  # permissions are cached per user object
+    assert api.get("/users").status_code == 200
+    assert api.post("/users", {"username": "eve"}).status_code == 403
+    assert not type(operator).objects.filter(username="eve").exists()
+
+    operator.user_permissions.add(Permission.objects.get(codename="add_user"))
+    assert api.post("/users", {"username": "eve"}).status_code == 201
+
+
+def test_each_operation_says_which_permission_it_needs(db):
+    document = Client().get(f"{BASE}/openapi.json").json()
+    operation = document["paths"][f"{BASE}/users/{{user_id}}/credit-grants"]["post"]
+    assert "Needs the permission `billing.add_credittransaction`." in operation["description"]
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert "Needs the permission" in operation["description"]
 
 
 def session_client(user) -> tuple[Client, str]:  # type: ignore[no-untyped-def]
