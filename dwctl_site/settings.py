@@ -293,6 +293,10 @@ INSTALLED_APPS = [
     "management_api",
 ]
 
+# The management API's lists (management_api/): at most this many rows per page.
+NINJA_PAGINATION_MAX_LIMIT = 1000
+NINJA_PAGINATION_PER_PAGE = 100
+
 # The /ai/ API never passes through these: gateway.handler serves it with the two async
 # gateway middlewares only (see gateway/middleware.py).
 MIDDLEWARE = [

@@ -56,6 +56,12 @@ def test_users_are_listed_paginated_and_searched(api, user_with_credits, user_wi
     assert [user["username"] for user in api.get("/users", search="mall").json()["items"]] == ["mallory"]
 
 
+def test_a_page_larger_than_the_limit_is_a_400_naming_it(api):
+    response = api.get("/users", limit=1001)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == "limit"
+
+
 def test_a_user_is_read_and_changed(api, user_with_credits):
     assert api.get(f"/users/{user_with_credits.pk}").json()["balance"] == "100"
     response = api.patch(
