@@ -38,7 +38,7 @@ ERROR_SCHEMA = {
 FAILURES = {
     "400": "Bad input: `param` names the field.",
     "401": "No credential, or an unknown, revoked or expired key.",
-    "403": "Not a platform key, not a staff user, or a write without its CSRF token.",
+    "403": "Not a platform key, not a staff user, without the permission it needs, or a write without its CSRF token.",
     "404": "No such object.",
 }
 
