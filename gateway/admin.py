@@ -7,6 +7,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import FilteredSelectMultiple
+from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.http import HttpRequest
 
@@ -24,7 +25,14 @@ from gateway.models import (
     JobState,
     StoredFile,
 )
-from gateway.services import restore_model, retire_model, set_model_groups
+from gateway.services import (
+    ENDPOINT_FIELDS,
+    check_endpoint_fields,
+    restore_model,
+    retire_model,
+    set_model_groups,
+    update_endpoint,
+)
 from routing_rules.models import TrafficRule
 
 # --- endpoints ------------------------------------------------------------------------------
@@ -62,13 +70,21 @@ class EndpointForm(forms.ModelForm):
             "responses_api",
         )
 
-    def save(self, commit: bool = True) -> Endpoint:
-        # The credential is not a model field: the model encrypts it, and a blank field keeps it.
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        given = {name: cleaned[name] for name in ENDPOINT_FIELDS if cleaned.get(name) is not None}
+        try:
+            check_endpoint_fields(given)  # the rules `update_endpoint` applies, shown on their fields
+        except ValidationError as exc:
+            for field, messages in exc.message_dict.items():
+                self.add_error(field if field in self.fields else None, messages)
+        return cleaned
+
+    def credential(self) -> str | None:
+        """What to do with the stored credential: replace it, remove it (""), or keep it (None: left blank)."""
         if self.cleaned_data.get("clear_api_key"):
-            self.instance.set_credential("")
-        elif self.cleaned_data.get("api_key"):
-            self.instance.set_credential(self.cleaned_data["api_key"])
-        return super().save(commit)
+            return ""
+        return self.cleaned_data.get("api_key") or None
 
 
 @admin.register(Endpoint)
@@ -90,6 +106,11 @@ class EndpointAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Endpoint]:
         return super().get_queryset(request).annotate(model_total=Count("models"))
+
+    def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: bool) -> None:
+        # The credential is not a model field: the service encrypts it, and a blank field keeps it.
+        fields = {name: form.cleaned_data[name] for name in ENDPOINT_FIELDS if name in form.cleaned_data}
+        update_endpoint(obj, api_key=form.credential(), **fields)
 
     @admin.display(description="credential", boolean=True)
     def has_credential(self, endpoint: Endpoint) -> bool:

@@ -55,34 +55,41 @@ def add_endpoint(
     return endpoint, created
 
 
+def check_endpoint_fields(fields: dict[str, object]) -> dict[str, object]:
+    """The endpoint fields given, checked and normalized (a base URL loses its trailing slash); a
+    ValidationError names every field that breaks a rule. The admin form checks with it too."""
+    unknown = set(fields) - set(ENDPOINT_FIELDS)
+    if unknown:
+        raise TypeError(f"Not an endpoint field: {', '.join(sorted(unknown))}.")
+    checked, errors = dict(fields), {}
+    if "base_url" in fields:
+        base_url = str(fields["base_url"])
+        try:
+            URLValidator(schemes=["http", "https"])(base_url)
+        except ValidationError:
+            errors["base_url"] = f"'{base_url}' is not a valid base URL: use http(s)://host[:port]/v1."
+        checked["base_url"] = base_url.rstrip("/")
+    for field, label in (("timeout_seconds", "timeout"), ("connect_timeout_seconds", "connect timeout")):
+        value = fields.get(field)
+        if value is not None and int(value) <= 0:  # type: ignore[call-overload]
+            errors[field] = f"The {label} must be a positive number of seconds, not {value}."
+    responses_api = fields.get("responses_api")
+    if responses_api is not None and responses_api not in ResponsesApi.values:
+        errors["responses_api"] = (
+            f"Unknown Responses API '{responses_api}': use one of {', '.join(ResponsesApi.values)}."
+        )
+    if errors:
+        raise ValidationError(errors)
+    return checked
+
+
 @transaction.atomic
 def update_endpoint(endpoint: Endpoint, *, api_key: str | None = None, **fields: object) -> Endpoint:
     """Change an endpoint (or save a new one): `api_key` replaces the credential ("" removes it; None keeps it).
 
     Raises ValidationError, naming the field, and writes nothing if a value breaks a rule.
     """
-    unknown = set(fields) - set(ENDPOINT_FIELDS)
-    if unknown:
-        raise TypeError(f"Not an endpoint field: {', '.join(sorted(unknown))}.")
-    if "base_url" in fields:
-        base_url = str(fields["base_url"])
-        try:
-            URLValidator(schemes=["http", "https"])(base_url)
-        except ValidationError:
-            raise ValidationError(
-                {"base_url": f"'{base_url}' is not a valid base URL: use http(s)://host[:port]/v1."}
-            ) from None
-        fields["base_url"] = base_url.rstrip("/")
-    for field, label in (("timeout_seconds", "timeout"), ("connect_timeout_seconds", "connect timeout")):
-        value = fields.get(field)
-        if value is not None and int(value) <= 0:  # type: ignore[call-overload]
-            raise ValidationError({field: f"The {label} must be a positive number of seconds, not {value}."})
-    responses_api = fields.get("responses_api")
-    if responses_api is not None and responses_api not in ResponsesApi.values:
-        raise ValidationError(
-            {"responses_api": f"Unknown Responses API '{responses_api}': use one of {', '.join(ResponsesApi.values)}."}
-        )
-    for name, value in fields.items():
+    for name, value in check_endpoint_fields(fields).items():
         setattr(endpoint, name, value)
     if api_key is not None:
         endpoint.set_credential(api_key)

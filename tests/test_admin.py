@@ -271,6 +271,21 @@ def test_the_endpoint_change_page_never_renders_the_stored_credential(staff_clie
     assert endpoint.api_key_encrypted == ""
 
 
+def test_the_endpoint_form_shows_the_services_rules_on_their_fields(staff_client: Client) -> None:
+    # The admin saves through `update_endpoint`: what it refuses is a form error, never a failed save.
+    endpoint, _ = add_endpoint("local", "http://127.0.0.1:9/v1", api_key=UPSTREAM_CREDENTIAL)
+    url = reverse("admin:gateway_endpoint_change", args=[endpoint.pk])
+    data = form_data(staff_client.get(url))
+    data.update(base_url="ftp://127.0.0.1/v1", timeout_seconds="0")
+    page = staff_client.post(url, data)
+    assert page.status_code == 200
+    errors = page.context["adminform"].form.errors
+    assert "is not a valid base URL" in errors["base_url"][0]
+    assert "The timeout must be a positive number of seconds" in errors["timeout_seconds"][0]
+    endpoint.refresh_from_db()
+    assert (endpoint.base_url, endpoint.timeout_seconds) == ("http://127.0.0.1:9/v1", 600)
+
+
 def test_everyones_delete_page_is_refused(staff_client: Client) -> None:
     everyone = AccessGroup.objects.everyone()
     response = staff_client.get(reverse("admin:accounts_accessgroup_delete", args=[everyone.pk]))
