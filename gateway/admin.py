@@ -33,7 +33,9 @@ from gateway.services import (
     set_model_groups,
     update_endpoint,
 )
+from routing_rules.admin import save_rule
 from routing_rules.models import TrafficRule
+from routing_rules.services import delete_traffic_rule
 
 # --- endpoints ------------------------------------------------------------------------------
 
@@ -316,6 +318,15 @@ class DeployedModelAdmin(admin.ModelAdmin):
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
         set_model_groups(form.instance, form.cleaned_data["access_groups"])
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        if formset.model is not TrafficRule:
+            super().save_formset(request, form, formset, change)
+            return
+        for rule in formset.save(commit=False):  # new and changed rules, written by the services
+            save_rule(rule)
+        for rule in formset.deleted_objects:
+            delete_traffic_rule(rule)
 
     @admin.action(description="Retire the selected models", permissions=["change"])
     def retire(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:

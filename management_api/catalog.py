@@ -58,7 +58,9 @@ class EndpointPatch(Schema):
 
 class EndpointIn(EndpointPatch):
     name: str = Field(min_length=1, max_length=100)  # type: ignore[assignment]
-    base_url: str = Field(max_length=500, description="Up to and including /v1, e.g. https://api.openai.com/v1")  # type: ignore[assignment]
+    base_url: str = Field(  # type: ignore[assignment]
+        max_length=500, description="Up to and including /v1, e.g. https://api.openai.com/v1"
+    )
 
 
 def endpoint_fields(payload: EndpointPatch) -> dict[str, object]:

@@ -23,10 +23,17 @@ def add_traffic_rule(model, *, purpose: str, action: str, target=None) -> Traffi
 
 
 @transaction.atomic
-def update_traffic_rule(rule: TrafficRule, *, action: str, target=None) -> TrafficRule:  # type: ignore[no-untyped-def]
-    """Change what a rule does (deny, or redirect to `target`), validated before it is written."""
+def update_traffic_rule(  # type: ignore[no-untyped-def]
+    rule: TrafficRule, *, action: str, target=None, purpose: str | None = None
+) -> TrafficRule:
+    """Change what a rule does (deny, or redirect to `target`) and, given, the key purpose it applies to;
+    validated before it is written."""
     if action not in RuleAction.values:
         raise ValidationError(f"Unknown action '{action}': use deny or redirect.")
+    if purpose is not None:
+        if purpose not in Purpose.values:
+            raise ValidationError(f"Unknown purpose '{purpose}': use one of {', '.join(Purpose.values)}.")
+        rule.purpose = purpose
     rule.action, rule.target = action, target
     rule.full_clean()
     rule.save()

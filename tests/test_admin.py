@@ -372,6 +372,23 @@ def test_a_redirect_rule_to_itself_is_refused_in_the_admin(staff_client: Client,
     assert "cannot redirect to itself" in response.content.decode()
 
 
+def test_a_rule_is_changed_and_deleted_from_its_models_page(staff_client: Client, populated: dict) -> None:
+    model, other = populated["model"], populated["other"]
+    rule = model.traffic_rules.get()  # batch → redirect to gpt-small
+    url = reverse("admin:gateway_deployedmodel_change", args=[model.pk])
+    data = form_data(staff_client.get(url))
+    data.update({"traffic_rules-0-action": "deny", "traffic_rules-0-target": ""})
+    assert staff_client.post(url, data).status_code == 302
+    rule.refresh_from_db()
+    assert (rule.action, rule.target_id) == ("deny", None)
+
+    data = form_data(staff_client.get(url))
+    data["traffic_rules-0-DELETE"] = "on"
+    assert staff_client.post(url, data).status_code == 302
+    assert not model.traffic_rules.exists()
+    assert DeployedModel.objects.filter(pk=other.pk).exists()  # a deleted rule takes no model with it
+
+
 def test_models_are_retired_by_the_retire_action_not_deleted(staff_client: Client, populated: dict) -> None:
     model = populated["other"]
     staff_client.post(
