@@ -32,7 +32,7 @@ run: install
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-lint-only-secret} $(VENV)/bin/mypy accounts billing routing_rules gateway dwctl_site common
+	DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-lint-only-secret} $(VENV)/bin/mypy accounts billing routing_rules gateway management_api dwctl_site common
 
 # A fixed key for test databases only (they are thrown away): never encrypt a real credential with it.
 TEST_ENCRYPTION_KEY := TGkIq7DIOkmcbWZFFEbMGaXyr9dQXowBubB_hyt2Edk=

@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from accounts.models import EVERYONE, KEY_LIMITS, AccessGroup, ApiKey, User
-from accounts.services import create_api_key, revoke_api_key
+from accounts.services import create_api_key, revoke_api_key, set_user_groups
 
 # --- users ----------------------------------------------------------------------------------
 
@@ -62,9 +62,7 @@ class UserAdmin(DjangoUserAdmin):
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
         if "access_groups" in form.cleaned_data:
-            # .set() sends m2m_changed, which the auth snapshot listens to.
-            builtin = list(form.instance.access_groups.filter(is_builtin=True))
-            form.instance.access_groups.set([*form.cleaned_data["access_groups"], *builtin])
+            set_user_groups(form.instance, form.cleaned_data["access_groups"])
 
 
 # --- access groups --------------------------------------------------------------------------

@@ -6,15 +6,18 @@ import secrets
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
-from typing import TypedDict, Unpack
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import KEY_LIMITS, AccessGroup, ApiKey, Purpose, User
+from accounts.models import EVERYONE, KEY_LIMITS, AccessGroup, ApiKey, Purpose, User
 from common.limits import save_validated
 from common.numbers import parse_amount
+
+if TYPE_CHECKING:
+    from gateway.models import DeployedModel
 
 SECRET_PREFIX = "sk-"  # noqa: S105  (a format marker, not a secret)
 DISPLAY_PREFIX_LENGTH = 10
@@ -45,7 +48,7 @@ def create_api_key(
     if purpose not in Purpose.values:
         raise ValueError(f"Unknown purpose {purpose!r}: use one of {', '.join(Purpose.values)}.")
     secret = new_secret()
-    api_key = ApiKey.objects.create(
+    api_key = ApiKey(
         owner=owner,
         name=name,
         purpose=purpose,
@@ -58,6 +61,8 @@ def create_api_key(
         spend_limit=spend_limit,
         spend_window=spend_window,
     )
+    api_key.full_clean()  # the limits' rules, as the admin form checks them, before the constraints would
+    api_key.save()
     return api_key, secret
 
 
@@ -130,3 +135,100 @@ def create_user(
     for group in ensure_groups(groups):
         group.members.add(user)
     return user
+
+
+# What `update_user` may change; the username is the user's handle for commands and keys, so it stays.
+USER_FIELDS = ("email", "first_name", "last_name", "is_active", "is_staff", "is_superuser")
+
+
+@transaction.atomic
+def update_user(user: User, *, password: str | None = None, **fields: object) -> User:
+    """Change a user's profile and flags (and password, if given), validated as the admin form validates.
+
+    Raises ValidationError and writes nothing if a value breaks a rule.
+    """
+    unknown = set(fields) - set(USER_FIELDS)
+    if unknown:
+        raise TypeError(f"Not a user field: {', '.join(sorted(unknown))}.")
+    for name, value in fields.items():
+        setattr(user, name, value)
+    if user.is_superuser:
+        user.is_staff = True  # as `create_user`: a superuser always reaches the admin
+    user.full_clean(exclude=["password"])
+    if password is not None:
+        if not password:
+            raise ValidationError({"password": "The password cannot be empty."})
+        user.set_password(password)
+    user.save()
+    return user
+
+
+def set_user_groups(user: User, groups: Iterable[AccessGroup]) -> None:
+    """Make `groups` the user's memberships; Everyone's, which is implicit, is left as it is."""
+    builtin = list(user.access_groups.filter(is_builtin=True))
+    # .set() sends m2m_changed, which the auth snapshot listens to.
+    user.access_groups.set([*(group for group in groups if not group.is_builtin), *builtin])
+
+
+def _check_group_name(name: str) -> str:
+    if not name.strip():
+        raise ValidationError({"name": "A group name cannot be empty."})
+    return name.strip()
+
+
+def create_access_group(name: str, *, description: str = "") -> AccessGroup:
+    """Create an access group; its name must be new."""
+    name = _check_group_name(name)
+    if AccessGroup.objects.filter(name=name).exists():
+        raise ValidationError({"name": f"A group named '{name}' already exists."})
+    return AccessGroup.objects.create(name=name, description=description)
+
+
+@transaction.atomic
+def update_access_group(group: AccessGroup, *, name: str | None = None, description: str | None = None) -> AccessGroup:
+    """Rename a group or change its description. The built-in Everyone keeps its name."""
+    if name is not None and name.strip() != group.name:
+        if group.is_builtin:
+            raise ValidationError({"name": f"The built-in '{EVERYONE}' group cannot be renamed."})
+        name = _check_group_name(name)
+        if AccessGroup.objects.filter(name=name).exclude(pk=group.pk).exists():
+            raise ValidationError({"name": f"A group named '{name}' already exists."})
+        group.name = name
+    if description is not None:
+        group.description = description
+    group.save()
+    return group
+
+
+def delete_access_group(group: AccessGroup) -> None:
+    """Delete a group (its members and models lose the access it gave). Everyone cannot be deleted."""
+    if group.is_builtin:
+        raise ValidationError(f"The built-in '{EVERYONE}' group cannot be deleted.")
+    group.delete()
+
+
+def _check_not_everyone(group: AccessGroup) -> None:
+    if group.is_builtin:
+        raise ValidationError(f"Every user is in '{EVERYONE}': its membership cannot change.")
+
+
+def add_group_member(group: AccessGroup, user: User) -> None:
+    """Give a user the access of a group (nothing changes if they are a member already)."""
+    _check_not_everyone(group)
+    group.members.add(user)
+
+
+def remove_group_member(group: AccessGroup, user: User) -> None:
+    """Take a user out of a group (nothing changes if they were not in it)."""
+    _check_not_everyone(group)
+    group.members.remove(user)
+
+
+def add_group_model(group: AccessGroup, model: DeployedModel) -> None:
+    """Let the group's members call a model (attached to Everyone, the model is public)."""
+    group.models.add(model)
+
+
+def remove_group_model(group: AccessGroup, model: DeployedModel) -> None:
+    """Take a model out of a group's access."""
+    group.models.remove(model)

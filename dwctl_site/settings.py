@@ -303,12 +303,19 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_q",
+    # Listed so the API docs page renders its own bundled Swagger UI, not one fetched from a CDN.
+    "ninja",
     "dwctl_site",
     "accounts",
     "billing",
     "routing_rules",
     "gateway",
+    "management_api",
 ]
+
+# The management API's lists (management_api/): at most this many rows per page.
+NINJA_PAGINATION_MAX_LIMIT = 1000
+NINJA_PAGINATION_PER_PAGE = 100
 
 # The /ai/ API never passes through these: gateway.handler serves it with the two async
 # gateway middlewares only (see gateway/middleware.py).

@@ -5,9 +5,14 @@ from django.views import defaults
 from gateway import demo
 from gateway.errors import openai_error
 from gateway.exposition import metrics
+from management_api.api import unknown_path
+from management_api.api import urls as management_api_urls
 
 urlpatterns = [
     path("ai/v1/", include("gateway.urls")),
+    # Before the admin's own URLs, whose catch-all would otherwise take these paths.
+    path("admin/api/v1/", management_api_urls()),
+    path("admin/api/<path:rest>", unknown_path),
     path("admin/", admin.site.urls),
     path("metrics", metrics, name="metrics"),
     # The echo upstream of `manage.py demo` (gateway/demo.py): the gateway calls it, clients do not.
@@ -26,4 +31,6 @@ def handler404(request, exception):  # type: ignore[no-untyped-def]
 def handler500(request):  # type: ignore[no-untyped-def]
     if request.path.startswith("/ai/"):
         return openai_error(500, "The gateway failed to handle this request.", code="internal_error")
+    if request.path.startswith("/admin/api/"):
+        return openai_error(500, "The management API failed to handle this request.", code="internal_error")
     return defaults.server_error(request)

@@ -8,9 +8,9 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import FilteredSelectMultiple
+from django.core.exceptions import ValidationError
 from django.db.models import Count, Exists, OuterRef, Prefetch, QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
@@ -28,7 +28,17 @@ from gateway.models import (
     JobState,
     StoredFile,
 )
+from gateway.services import (
+    ENDPOINT_FIELDS,
+    check_endpoint_fields,
+    restore_model,
+    retire_model,
+    set_model_groups,
+    update_endpoint,
+)
+from routing_rules.admin import save_rule
 from routing_rules.models import TrafficRule
+from routing_rules.services import delete_traffic_rule
 
 # --- endpoints ------------------------------------------------------------------------------
 
@@ -65,13 +75,21 @@ class EndpointForm(forms.ModelForm):
             "responses_api",
         )
 
-    def save(self, commit: bool = True) -> Endpoint:
-        # The credential is not a model field: the model encrypts it, and a blank field keeps it.
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        given = {name: cleaned[name] for name in ENDPOINT_FIELDS if cleaned.get(name) is not None}
+        try:
+            check_endpoint_fields(given)  # the rules `update_endpoint` applies, shown on their fields
+        except ValidationError as exc:
+            for field, messages in exc.message_dict.items():
+                self.add_error(field if field in self.fields else None, messages)
+        return cleaned
+
+    def credential(self) -> str | None:
+        """What to do with the stored credential: replace it, remove it (""), or keep it (None: left blank)."""
         if self.cleaned_data.get("clear_api_key"):
-            self.instance.set_credential("")
-        elif self.cleaned_data.get("api_key"):
-            self.instance.set_credential(self.cleaned_data["api_key"])
-        return super().save(commit)
+            return ""
+        return self.cleaned_data.get("api_key") or None
 
 
 @admin.register(Endpoint)
@@ -93,6 +111,11 @@ class EndpointAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Endpoint]:
         return super().get_queryset(request).annotate(model_total=Count("models"))
+
+    def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: bool) -> None:
+        # The credential is not a model field: the service encrypts it, and a blank field keeps it.
+        fields = {name: form.cleaned_data[name] for name in ENDPOINT_FIELDS if name in form.cleaned_data}
+        update_endpoint(obj, api_key=form.credential(), **fields)
 
     @admin.display(description="credential", boolean=True)
     def has_credential(self, endpoint: Endpoint) -> bool:
@@ -318,26 +341,25 @@ class DeployedModelAdmin(admin.ModelAdmin):
 
     def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
         super().save_related(request, form, formsets, change)
-        # .set() sends m2m_changed, which the auth snapshot listens to.
-        form.instance.access_groups.set(form.cleaned_data["access_groups"])
+        set_model_groups(form.instance, form.cleaned_data["access_groups"])
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        if formset.model is not TrafficRule:
+            super().save_formset(request, form, formset, change)
+            return
+        for rule in formset.save(commit=False):  # new and changed rules, written by the services
+            save_rule(rule)
+        for rule in formset.deleted_objects:
+            delete_traffic_rule(rule)
 
     @admin.action(description="Retire the selected models", permissions=["change"])
     def retire(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
-        now = timezone.now()
-        retired = 0
-        for model in queryset.filter(deleted_at__isnull=True):
-            model.deleted_at = now
-            model.save(update_fields=["deleted_at"])  # a save, not update(): the snapshot listens to post_save
-            retired += 1
+        retired = sum(retire_model(model) for model in queryset.filter(deleted_at__isnull=True))
         self.message_user(request, f"Retired {retired} model{'s' if retired != 1 else ''}.", messages.SUCCESS)
 
     @admin.action(description="Bring the selected models back", permissions=["change"])
     def restore(self, request: HttpRequest, queryset: QuerySet[DeployedModel]) -> None:
-        restored = 0
-        for model in queryset.filter(deleted_at__isnull=False):
-            model.deleted_at = None
-            model.save(update_fields=["deleted_at"])
-            restored += 1
+        restored = sum(restore_model(model) for model in queryset.filter(deleted_at__isnull=False))
         self.message_user(request, f"Restored {restored} model{'s' if restored != 1 else ''}.", messages.SUCCESS)
 
 

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
+from django.utils import timezone
 
 from accounts.models import AccessGroup, ApiKey, User
 from accounts.services import create_api_key, ensure_groups, revoke_api_key
@@ -29,6 +30,17 @@ from gateway.models import (
     decrypt_credentials,
 )
 
+# What `update_endpoint` may change besides the credential.
+ENDPOINT_FIELDS = (
+    "name",
+    "base_url",
+    "auth_header",
+    "auth_prefix",
+    "timeout_seconds",
+    "connect_timeout_seconds",
+    "responses_api",
+)
+
 
 @transaction.atomic
 def add_endpoint(
@@ -42,21 +54,68 @@ def add_endpoint(
     """Create an endpoint, or update the one with this name. Returns it and whether it was created."""
     if not name.strip():
         raise ValidationError("The endpoint name cannot be empty.")
-    URLValidator(schemes=["http", "https"])(base_url)
-    if timeout_seconds is not None and timeout_seconds <= 0:
-        raise ValidationError(f"The timeout must be a positive number of seconds, not {timeout_seconds}.")
+    endpoint = Endpoint.objects.filter(name=name).first()
+    created = endpoint is None
+    fields: dict[str, object] = {"base_url": base_url}
+    if timeout_seconds is not None:
+        fields["timeout_seconds"] = timeout_seconds
+    if responses_api is not None:
+        fields["responses_api"] = responses_api
+    endpoint = update_endpoint(endpoint or Endpoint(name=name), api_key=api_key, **fields)
+    return endpoint, created
+
+
+def check_endpoint_fields(fields: dict[str, object]) -> dict[str, object]:
+    """The endpoint fields given, checked and normalized (a base URL loses its trailing slash); a
+    ValidationError names every field that breaks a rule. The admin form checks with it too."""
+    unknown = set(fields) - set(ENDPOINT_FIELDS)
+    if unknown:
+        raise TypeError(f"Not an endpoint field: {', '.join(sorted(unknown))}.")
+    checked, errors = dict(fields), {}
+    if "base_url" in fields:
+        base_url = str(fields["base_url"])
+        try:
+            URLValidator(schemes=["http", "https"])(base_url)
+        except ValidationError:
+            errors["base_url"] = f"'{base_url}' is not a valid base URL: use http(s)://host[:port]/v1."
+        checked["base_url"] = base_url.rstrip("/")
+    for field, label in (("timeout_seconds", "timeout"), ("connect_timeout_seconds", "connect timeout")):
+        value = fields.get(field)
+        if value is not None and int(value) <= 0:  # type: ignore[call-overload]
+            errors[field] = f"The {label} must be a positive number of seconds, not {value}."
+    responses_api = fields.get("responses_api")
     if responses_api is not None and responses_api not in ResponsesApi.values:
-        raise ValidationError(f"Unknown Responses API '{responses_api}': use one of {', '.join(ResponsesApi.values)}.")
-    endpoint, created = Endpoint.objects.get_or_create(name=name, defaults={"base_url": base_url})
-    endpoint.base_url = base_url.rstrip("/")
+        errors["responses_api"] = (
+            f"Unknown Responses API '{responses_api}': use one of {', '.join(ResponsesApi.values)}."
+        )
+    if errors:
+        raise ValidationError(errors)
+    return checked
+
+
+@transaction.atomic
+def update_endpoint(endpoint: Endpoint, *, api_key: str | None = None, **fields: object) -> Endpoint:
+    """Change an endpoint (or save a new one): `api_key` replaces the credential ("" removes it; None keeps it).
+
+    Raises ValidationError, naming the field, and writes nothing if a value breaks a rule.
+    """
+    for name, value in check_endpoint_fields(fields).items():
+        setattr(endpoint, name, value)
     if api_key is not None:
         endpoint.set_credential(api_key)
-    if timeout_seconds is not None:
-        endpoint.timeout_seconds = timeout_seconds
-    if responses_api is not None:
-        endpoint.responses_api = responses_api
+    endpoint.full_clean(exclude=["api_key_encrypted"])
     endpoint.save()
-    return endpoint, created
+    return endpoint
+
+
+def delete_endpoint(endpoint: Endpoint) -> None:
+    """Delete an endpoint that serves no model (retired ones included: they keep their history)."""
+    aliases = list(endpoint.models.values_list("alias", flat=True))
+    if aliases:
+        raise ValidationError(
+            f"Endpoint '{endpoint.name}' serves {', '.join(repr(a) for a in aliases)}: move or delete them first."
+        )
+    endpoint.delete()
 
 
 @transaction.atomic
@@ -203,6 +262,51 @@ def set_model_limits(model: DeployedModel, *, clear: bool = False, **limits: Unp
     """
     save_validated(model, MODEL_LIMITS, dict(limits), reset=clear)
     return model
+
+
+# What `update_model` may change; limits go through `set_model_limits`, prices through `set_tariff`.
+MODEL_FIELDS = ("upstream_model", "endpoint", "kind")
+
+
+@transaction.atomic
+def update_model(model: DeployedModel, **fields: object) -> DeployedModel:
+    """Change what serves a model (its upstream name, endpoint, kind), validated; writes nothing on an error."""
+    unknown = set(fields) - set(MODEL_FIELDS)
+    if unknown:
+        raise TypeError(f"Not a model field: {', '.join(sorted(unknown))}.")
+    if "kind" in fields and fields["kind"] not in ModelKind.values:
+        raise ValidationError({"kind": f"Unknown kind '{fields['kind']}': use one of {', '.join(ModelKind.values)}."})
+    if "upstream_model" in fields and not str(fields["upstream_model"]).strip():
+        raise ValidationError({"upstream_model": "The upstream model name cannot be empty."})
+    for name, value in fields.items():
+        setattr(model, name, value)
+    model.full_clean()
+    model.save(update_fields=list(fields))
+    return model
+
+
+def retire_model(model: DeployedModel) -> bool:
+    """Retire a model (soft delete): clients can no longer call it; its prices and past calls stay.
+    Returns whether it was live."""
+    if model.deleted_at is not None:
+        return False
+    model.deleted_at = timezone.now()
+    model.save(update_fields=["deleted_at"])  # a save, not update(): the snapshot listens to post_save
+    return True
+
+
+def restore_model(model: DeployedModel) -> bool:
+    """Bring a retired model back. Returns whether it was retired."""
+    if model.deleted_at is None:
+        return False
+    model.deleted_at = None
+    model.save(update_fields=["deleted_at"])
+    return True
+
+
+def set_model_groups(model: DeployedModel, groups: Iterable[AccessGroup]) -> None:
+    """Make `groups` the ones whose members may call the model (Everyone among them: public)."""
+    model.access_groups.set(list(groups))  # .set() sends m2m_changed, which the auth snapshot listens to
 
 
 DEMO_ALIAS = "demo-echo"

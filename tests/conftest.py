@@ -28,6 +28,7 @@ from gateway.models import DeployedModel
 from gateway.services import add_endpoint, add_model
 from gateway.worker import Runner, run_flex_jobs
 from tests.conformance import conforming_client
+from tests.management_client import api, platform_key  # noqa: F401  (fixtures of the management API's tests)
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS, FakeUpstream, free_port
 
 PRICE_IN = Decimal("0.50")

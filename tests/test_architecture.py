@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ("common", "accounts", "billing", "routing_rules", "gateway", "dwctl_site")
+APPS = ("common", "accounts", "billing", "routing_rules", "gateway", "management_api", "dwctl_site")
 # What each lower package may import from the project: identity first, money on top of it.
 MAY_IMPORT = {
     "common": set(),
