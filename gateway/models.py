@@ -29,6 +29,31 @@ class UnreadableCredentials(ValueError):
         )
 
 
+class EncryptedCredential:
+    """A credential kept encrypted in ``api_key_encrypted`` (common.crypto), never shown again."""
+
+    api_key_encrypted: str
+    name: str
+    credential_of = "endpoint"  # what UnreadableCredentials names it
+
+    @property
+    def has_credential(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+    def set_credential(self, credential: str) -> None:
+        """Store the credential encrypted ("" for none); like `User.set_password`, the caller saves."""
+        self.api_key_encrypted = encrypt(credential) if credential else ""
+
+    def decrypt_credential(self) -> str:
+        """The clear credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
+        if not self.api_key_encrypted:
+            return ""
+        try:
+            return decrypt(self.api_key_encrypted)
+        except UndecryptableToken:
+            raise UnreadableCredentials([self.name], kind=self.credential_of) from None
+
+
 class ResponsesApi(models.TextChoices):
     """How an endpoint serves /v1/responses: its own Responses API, or chat completions translated both ways."""
 
@@ -36,7 +61,7 @@ class ResponsesApi(models.TextChoices):
     TRANSLATE = "translate", "Translate to chat completions"
 
 
-class Endpoint(models.Model):
+class Endpoint(EncryptedCredential, models.Model):
     """An upstream OpenAI-compatible server."""
 
     name = models.CharField(max_length=100, unique=True)
@@ -70,23 +95,6 @@ class Endpoint(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def has_credential(self) -> bool:
-        return bool(self.api_key_encrypted)
-
-    def set_credential(self, credential: str) -> None:
-        """Store the upstream credential encrypted ("" for none); like `User.set_password`, the caller saves."""
-        self.api_key_encrypted = encrypt(credential) if credential else ""
-
-    def decrypt_credential(self) -> str:
-        """The clear upstream credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
-        if not self.api_key_encrypted:
-            return ""
-        try:
-            return decrypt(self.api_key_encrypted)
-        except UndecryptableToken:
-            raise UnreadableCredentials([self.name]) from None
 
 
 def decrypt_credentials(endpoints: Iterable[Endpoint]) -> dict[int, str]:
@@ -171,8 +179,10 @@ class DeployedModel(models.Model):
             raise ValidationError(errors)
 
 
-class Tool(models.Model):
+class Tool(EncryptedCredential, models.Model):
     """A server-side tool: an HTTP endpoint the gateway calls when a model asks for it (gateway.tools)."""
+
+    credential_of = "tool"
 
     name = models.CharField(max_length=64, unique=True, help_text="The function name the model calls.")
     description = models.TextField(blank=True)
@@ -193,22 +203,6 @@ class Tool(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def has_credential(self) -> bool:
-        return bool(self.api_key_encrypted)
-
-    def set_credential(self, credential: str) -> None:
-        self.api_key_encrypted = encrypt(credential) if credential else ""
-
-    def decrypt_credential(self) -> str:
-        """The clear credential, "" for none; `UnreadableCredentials` if no configured key opens it."""
-        if not self.api_key_encrypted:
-            return ""
-        try:
-            return decrypt(self.api_key_encrypted)
-        except UndecryptableToken:
-            raise UnreadableCredentials([self.name], kind="tool") from None
 
 
 class JobState(models.TextChoices):
