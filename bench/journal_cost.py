@@ -50,6 +50,7 @@ def line(request_id: str) -> tuple[object, ...]:
         usage_estimated=False,
         committed=5_000,
         job=None,
+        client_request_id="",
     )
 
 
