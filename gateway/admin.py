@@ -18,6 +18,7 @@ from accounts.models import EVERYONE, AccessGroup
 from billing.models import PRICE, Tariff, Tier, price_key
 from billing.services import set_tariff
 from common.admin import ReadOnlyAdmin
+from gateway.credential_form import CredentialForm
 from gateway.jobs import cancel_job
 from gateway.models import (
     MODEL_LIMITS,
@@ -43,7 +44,7 @@ from routing_rules.services import delete_traffic_rule
 # --- endpoints ------------------------------------------------------------------------------
 
 
-class EndpointForm(forms.ModelForm):
+class EndpointForm(CredentialForm):
     """The upstream credential is write-only: never rendered (clear or encrypted), kept when left blank."""
 
     base_url = forms.URLField(
@@ -51,15 +52,6 @@ class EndpointForm(forms.ModelForm):
         assume_scheme="https",
         help_text="Up to and including /v1, e.g. https://api.openai.com/v1",
     )
-    api_key = forms.CharField(
-        label="Upstream credential",
-        required=False,
-        max_length=500,
-        strip=True,
-        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only. Leave blank to keep the stored credential.",
-    )
-    clear_api_key = forms.BooleanField(label="Remove the stored credential", required=False)
 
     class Meta:
         model = Endpoint
@@ -84,12 +76,6 @@ class EndpointForm(forms.ModelForm):
             for field, messages in exc.message_dict.items():
                 self.add_error(field if field in self.fields else None, messages)
         return cleaned
-
-    def credential(self) -> str | None:
-        """What to do with the stored credential: replace it, remove it (""), or keep it (None: left blank)."""
-        if self.cleaned_data.get("clear_api_key"):
-            return ""
-        return self.cleaned_data.get("api_key") or None
 
 
 @admin.register(Endpoint)

@@ -9,25 +9,17 @@ from django.contrib import admin
 from django.contrib.admin.widgets import FilteredSelectMultiple
 
 from accounts.models import EVERYONE, AccessGroup
+from gateway.credential_form import CredentialForm
 from gateway.models import DeployedModel, Tool
 from gateway.services import tool_parameters_error
 
 
-class ToolForm(forms.ModelForm):
-    """The credential is never rendered (clear or encrypted) and is kept when left blank."""
+class ToolForm(CredentialForm):
+    """The credential (sent as a bearer token) is never rendered and is kept when left blank."""
 
     url = forms.URLField(
         max_length=500, assume_scheme="https", help_text="The gateway POSTs the call's arguments here."
     )
-    api_key = forms.CharField(
-        label="Credential",
-        required=False,
-        max_length=500,
-        strip=True,
-        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only, sent as a bearer token. Leave blank to keep the stored credential.",
-    )
-    clear_api_key = forms.BooleanField(label="Remove the stored credential", required=False)
     models = forms.ModelMultipleChoiceField(
         queryset=DeployedModel.objects.live(),
         required=False,
@@ -53,10 +45,9 @@ class ToolForm(forms.ModelForm):
         return parameters
 
     def save(self, commit: bool = True) -> Tool:
-        if self.cleaned_data.get("clear_api_key"):
-            self.instance.set_credential("")
-        elif self.cleaned_data.get("api_key"):
-            self.instance.set_credential(self.cleaned_data["api_key"])
+        credential = self.credential()
+        if credential is not None:
+            self.instance.set_credential(credential)
         return super().save(commit)
 
 
