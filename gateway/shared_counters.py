@@ -8,6 +8,8 @@ event loop are renewed from it. While Redis cannot be reached, each operation fa
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import itertools
 import logging
 import uuid
@@ -16,9 +18,7 @@ from functools import cache
 from typing import Any
 
 import redis
-import redis.asyncio
 from django.conf import settings
-from redis.commands.core import AsyncScript
 
 from gateway import scripts
 from gateway.counters import (
@@ -35,65 +35,51 @@ from gateway.counters import (
 )
 from gateway.ledger_cache import ACCOUNT_TTL_SECONDS, PROCESS, RedisCache, Refusal, ledger_cache
 from gateway.redis_state import warn_unreachable
+from gateway.redis_wire import Wire
 
 logger = logging.getLogger(__name__)
 
 
-class _Link:
-    """One event loop's Redis client and scripts, the slots held from it, and the task renewing them.
+class Script:
+    """A Lua script, sent by its SHA1 (Redis keeps what it ran), and whole when Redis has forgotten it."""
 
-    Admissions and endings are sent through :meth:`run`: the scripts run in one turn of the loop
-    go to Redis together, in one pipeline (one write and one read for all of them)."""
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text, self.sha = text, hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
+
+
+ADMIT, FINISH, RENEW = Script(scripts.ADMIT), Script(scripts.FINISH), Script(scripts.RENEW)
+
+
+class _Link:
+    """One event loop's connection to Redis (gateway.redis_wire), the slots held from it, and the
+    task renewing them. The scripts run in one turn of the loop go to Redis in one write."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.asyncio.Redis.from_url(url)
-        self.admit = self.client.register_script(scripts.ADMIT)
-        self.finish = self.client.register_script(scripts.FINISH)
-        self.renew = self.client.register_script(scripts.RENEW)
+        self.wire = Wire(url)
         self.held: dict[str, set[str]] = {}
         self.renewer: asyncio.Task[None] | None = None
-        self.pending: set[asyncio.Task[None]] = set()  # pipelines in flight, kept from the collector
-        self.queued: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self.pending: set[asyncio.Future[Any]] = set()  # endings sent and not yet answered
 
-    def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run the script with the next pipeline; the future has its answer or its RedisError."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
-        self.queued.append((script, keys, args, answer))
-        if len(self.queued) == 1:
-            self.start(loop.create_task(self._send()))
+    def run(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Run the script; the future has its answer or its RedisError."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sent = self.wire.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        sent.add_done_callback(functools.partial(self._answered, script, keys, args, answer))
         return answer
 
-    async def _send(self) -> None:
-        queued, self.queued = self.queued, []
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in queued:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                answers = await pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            answers = [exc] * len(queued)
-        for (script, keys, args, future), answer in zip(queued, answers, strict=True):
-            if isinstance(answer, redis.exceptions.NoScriptError):  # Redis restarted: the script loads itself
-                try:
-                    answer = await script(keys=keys, args=args)
-                except redis.RedisError as exc:
-                    answer = exc
-            if future.cancelled():
-                continue
-            if isinstance(answer, Exception):
-                future.set_exception(answer)
-            else:
-                future.set_result(answer)
-
-    def start(self, task: asyncio.Task[None]) -> None:
-        self.pending.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Could not send a pipeline to Redis", exc_info=task.exception())
+    def _answered(
+        self, script: Script, keys: list[str], args: list[Any], answer: asyncio.Future[Any], sent: asyncio.Future[Any]
+    ) -> None:
+        if answer.cancelled():
+            return
+        error = sent.exception()
+        if isinstance(error, redis.exceptions.NoScriptError):  # Redis restarted: send the script whole
+            whole = self.wire.call("EVAL", script.text, len(keys), *keys, *args)
+            whole.add_done_callback(lambda done: _pass_on(done, answer))
+            return
+        _pass_on(sent, answer)
 
     async def keep_leases(self) -> None:
         """Renew this loop's leases a few times per lease, so that only a process that died loses its slots."""
@@ -105,9 +91,19 @@ class _Link:
         lease_ms = _lease_ms()
         for key, slots in list(self.held.items()):
             try:
-                await self.renew(keys=[key], args=[lease_ms, *slots])
+                await self.run(RENEW, [key], [lease_ms, *slots])
             except redis.RedisError:
                 logger.warning("Could not renew the capacity leases of %s", key, exc_info=True)
+
+
+def _pass_on(done: asyncio.Future[Any], answer: asyncio.Future[Any]) -> None:
+    if answer.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
 
 
 def _lease_ms() -> int:
@@ -168,7 +164,7 @@ class RedisCounters(OneAtATime):
             args += [seed.version, seed.base]
         link = self._link()
         try:
-            answer = await link.run(link.admit, keys, args)
+            answer = await link.run(ADMIT, keys, args)
         except redis.RedisError as exc:
             warn_unreachable("limits and credits", exc)
             return self.local.admit_now(admission)
@@ -220,7 +216,10 @@ class RedisCounters(OneAtATime):
         self._let_go(link, ending)  # no longer renewed, whatever happens next
         keys, args = self._finish_call(ending)
         if keys:
-            link.run(link.finish, keys, args).add_done_callback(lambda sent: self._ended(sent, ending))
+            sent = link.run(FINISH, keys, args)
+            link.pending.add(sent)
+            sent.add_done_callback(lambda _: link.pending.discard(sent))
+            sent.add_done_callback(lambda _: self._ended(sent, ending))
 
     def _ended(self, sent: asyncio.Future[Any], ending: Ending) -> None:
         error = None if sent.cancelled() else sent.exception()
@@ -233,7 +232,7 @@ class RedisCounters(OneAtATime):
         self._let_go(link, ending)
         keys, args = self._finish_call(ending)
         if keys:
-            sent = link.run(link.finish, keys, args)
+            sent = link.run(FINISH, keys, args)
             await asyncio.wait([sent])
             self._ended(sent, ending)
 
