@@ -27,7 +27,8 @@ def key() -> str:
 
 
 def test_commands_are_packed_as_bulk_strings():
-    assert pack(("SET", b"k", 7, 0.5, "é")) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n$3\r\n0.5\r\n$2\r\n\xc3\xa9\r\n"
+    expected = b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n7\r\n$3\r\n0.5\r\n$2\r\n\xc3\xa9\r\n"
+    assert pack(("SET", b"k", 7, 0.5, "é")) == expected
     with pytest.raises(TypeError):
         pack(("SET", "k", True))
 
