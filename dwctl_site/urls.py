@@ -3,7 +3,7 @@ from django.urls import include, path
 from django.views import defaults
 
 from gateway import demo
-from gateway.errors import openai_error
+from gateway.errors import internal_error, openai_error
 from gateway.exposition import metrics
 from management_api.api import unknown_path
 from management_api.api import urls as management_api_urls
@@ -30,7 +30,7 @@ def handler404(request, exception):  # type: ignore[no-untyped-def]
 
 def handler500(request):  # type: ignore[no-untyped-def]
     if request.path.startswith("/ai/"):
-        return openai_error(500, "The gateway failed to handle this request.", code="internal_error")
+        return internal_error()
     if request.path.startswith("/admin/api/"):
         return openai_error(500, "The management API failed to handle this request.", code="internal_error")
     return defaults.server_error(request)

@@ -77,6 +77,10 @@ def openai_error(
     return response
 
 
+def internal_error() -> HttpResponse:
+    return openai_error(500, "The gateway failed to handle this request.", code="internal_error")
+
+
 def missing_api_key() -> HttpResponse:
     return openai_error(
         401, "You didn't provide an API key. Send it as 'Authorization: Bearer sk-…'.", code="missing_api_key"

@@ -248,3 +248,38 @@ def test_unknown_api_path_is_an_openai_404(world, user_with_credits, make_key):
     reply = post(world, "fine_tuning/jobs", make_key(user_with_credits), json={})
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "unknown_url"
+
+
+def test_a_failure_of_the_gateway_itself_is_a_500_in_the_envelope_and_on_record(
+    world, user_with_credits, make_key, monkeypatch
+):
+    from dwctl_site.asgi import gateway_application
+    from gateway import views
+    from gateway.models import RequestLog
+
+    @views.calls_model
+    async def broken(call):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(gateway_application.inference_views, "/ai/v1/chat/completions", broken)
+    reply = post(world, "chat/completions", make_key(user_with_credits), json={"model": "gpt-test", "messages": HELLO})
+
+    assert reply.status_code == 500
+    assert reply.json()["error"]["message"] == "The gateway failed to handle this request."
+    assert reply.headers["x-request-id"].startswith("req_")
+    wait_for(lambda: RequestLog.objects.filter(request_id=reply.headers["x-request-id"], status_code=500).exists())
+
+
+def test_the_api_reads_repeated_headers_as_one_and_names_in_any_case(world, user_with_credits, make_key):
+    from gateway.models import RequestLog
+
+    secret = make_key(user_with_credits)
+    reply = httpx.post(
+        f"{world.url}/ai/v1/chat/completions",
+        headers=[("AUTHORIZATION", f"Bearer {secret}"), ("x-client-request-id", "a"), ("X-Client-Request-Id", "b")],
+        json={"model": "gpt-test", "messages": HELLO},
+    )
+
+    assert reply.status_code == 200
+    wait_for(lambda: RequestLog.objects.filter(request_id=reply.headers["x-request-id"]).exists())
+    assert RequestLog.objects.get(request_id=reply.headers["x-request-id"]).client_request_id == "a,b"
