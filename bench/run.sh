@@ -8,6 +8,7 @@
 #   gateway-2proc  two such processes, one per core, sharing Redis and that database
 #   gateway-scale  the plain gateway with SCALE_KEYS keys and SCALE_MODELS models in its DB
 #   gateway-httpx  (not default) the gateway with httpx's API on the httpx-aiohttp transport
+#   gateway-aiohttp (not default) the gateway with aiohttp's client instead of its own
 #   gateway-daphne (not default) the gateway served by daphne instead of uvicorn
 #   litellm        the LiteLLM proxy (Python), the first peer
 #   portkey        the Portkey AI gateway (Node), the second peer

@@ -37,12 +37,13 @@ target_start() {
       T_SLOW_URL=$SLOW_BASE/chat/completions T_SLOW_MODEL=bench-model
       return 0
       ;;
-    gateway | gateway-scale | gateway-httpx | gateway-daphne | gateway-redis | gateway-2proc)
+    gateway | gateway-scale | gateway-httpx | gateway-aiohttp | gateway-daphne | gateway-redis | gateway-2proc)
       db=$(db_of "$name") key=$(key_of "$name")
       # A Redis prefix of its own for every server start, so no state is carried between them.
       if [[ $name == gateway-redis || $name == gateway-2proc ]]; then prefix=$REDIS_PREFIX_BASE:$name:r$ROUND; fi
       gw_env "$db" "$prefix"
       if [[ $name == gateway-httpx ]]; then GW_ENV+=(GATEWAY_UPSTREAM_TRANSPORT=httpx); fi
+      if [[ $name == gateway-aiohttp ]]; then GW_ENV+=(GATEWAY_UPSTREAM_TRANSPORT=aiohttp); fi
       gateway_server "$GATEWAY_PORT"
       if [[ $name == gateway-daphne ]]; then
         SERVER=("$VENV/bin/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" dwctl_site.asgi:application)

@@ -223,10 +223,10 @@ GATEWAY_JOURNAL_DIR = os.environ.get("GATEWAY_JOURNAL_DIR", "") or str(BASE_DIR 
 GATEWAY_CAPACITY_LEASE_SECONDS = float(env_int("GATEWAY_CAPACITY_LEASE_MS", 10_000)) / 1000
 # Upstream connections per process, and the library under gateway/clients.py.
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000)
-GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "aiohttp")
-if GATEWAY_UPSTREAM_TRANSPORT not in {"aiohttp", "httpx"}:
-    ENV_ERRORS.append(f"GATEWAY_UPSTREAM_TRANSPORT={GATEWAY_UPSTREAM_TRANSPORT!r} must be aiohttp or httpx.")
-    GATEWAY_UPSTREAM_TRANSPORT = "aiohttp"
+GATEWAY_UPSTREAM_TRANSPORT = os.environ.get("GATEWAY_UPSTREAM_TRANSPORT", "builtin")
+if GATEWAY_UPSTREAM_TRANSPORT not in {"builtin", "aiohttp", "httpx"}:
+    ENV_ERRORS.append(f"GATEWAY_UPSTREAM_TRANSPORT={GATEWAY_UPSTREAM_TRANSPORT!r} must be builtin, aiohttp or httpx.")
+    GATEWAY_UPSTREAM_TRANSPORT = "builtin"
 # Prometheus metrics at /metrics (gateway/exposition.py): off unless on; with a token, a scrape
 # must bear it; without one, only loopback clients may read them.
 GATEWAY_METRICS = env_bool("GATEWAY_METRICS", False)
