@@ -288,9 +288,7 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=context
-                )
+                _, connection = await loop.create_connection(lambda: _Connection(self, origin), host, port, ssl=context)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"Connecting to {host}:{port} timed out.") from exc
         except OSError as exc:
