@@ -25,6 +25,7 @@ arrives and is billed, before it is cut.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import tempfile
@@ -210,30 +211,61 @@ class GatewayHandler(ASGIHandler):
                 return
             get_response = self.run_get_response
 
-        async def respond():  # type: ignore[no-untyped-def]
+        serving = asyncio.current_task()
+        assert serving is not None
+        watch = ClientWatch(serving, request)
+        watching = asyncio.create_task(watch.run(self.listen_for_disconnect, receive))
+        try:
             response = await get_response(request)
             try:
                 await self.send_response(response, send)
+                watch.answered = True
             finally:
                 close_quietly(response)
+        except asyncio.CancelledError:
+            if not watch.left:
+                raise  # not for the client's leaving: the server's
+            serving.uncancel()
+        except RequestAborted:
+            pass
+        except Exception:
+            logger.exception("Unhandled error while serving %s", scope.get("path"))
+        finally:
+            watch.stop()
+            watching.cancel()
 
-        serving = asyncio.create_task(respond())
-        listening = asyncio.create_task(self.listen_for_disconnect(receive))
-        await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)
-        call = getattr(request, "gateway", None)
-        if not serving.done() and call is not None and call.relaying:
-            # The client left a relayed stream: read the upstream on (into the void) for a while, so
-            # the call's usage is known and billed; past that, cut it and bill what went out.
-            await asyncio.wait([serving], timeout=settings.GATEWAY_STREAM_DRAIN_SECONDS)
-        for task in (listening, serving):
-            if not task.done():
-                task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, RequestAborted):
-                pass
-            except Exception:
-                logger.exception("Unhandled error while serving %s", scope.get("path"))
+
+class ClientWatch:
+    """Cancels the serving of a request when its client goes away (a view sees CancelledError, and
+    records the call as cut off) — except that a relayed stream is read on, into the void, for
+    ``GATEWAY_STREAM_DRAIN_SECONDS``, so the call's usage arrives and is billed, before it is cut.
+
+    The request is served in the task that received it, watched by one task of its own."""
+
+    __slots__ = ("answered", "cut", "left", "request", "serving")
+
+    def __init__(self, serving: asyncio.Task[Any], request: Any) -> None:
+        self.serving, self.request = serving, request
+        self.answered = False  # the whole response went out: a disconnect now is the end, not a leaving
+        self.left = False
+        self.cut: asyncio.TimerHandle | None = None
+
+    async def run(self, listen: Any, receive: Any) -> None:
+        with contextlib.suppress(RequestAborted):
+            await listen(receive)
+        if self.answered:
+            return
+        self.left = True
+        call = getattr(self.request, "gateway", None)
+        if call is not None and call.relaying:
+            drain = settings.GATEWAY_STREAM_DRAIN_SECONDS
+            self.cut = asyncio.get_running_loop().call_later(drain, self.serving.cancel)
+        else:
+            self.serving.cancel()
+
+    def stop(self) -> None:
+        if self.cut is not None:
+            self.cut.cancel()
 
 
 def close_quietly(response) -> None:  # type: ignore[no-untyped-def]
