@@ -33,13 +33,12 @@ from gateway import errors
 from gateway.call import GatewayCall
 from gateway.counters import Credits
 from gateway.db import in_thread
-from gateway.ledger_cache import PROCESS, MemoryCache, Refusal, Seed, ledger_cache
+from gateway.ledger_cache import PROCESS, MemoryCache, Move, Refusal, Seed, ledger_cache
 from gateway.models import RequestLog
 from gateway.snapshot import KeyEntry, ModelEntry
 
 logger = logging.getLogger(__name__)
 NANOS_PER_CREDIT = 10**9
-Move = tuple[str, int, int]  # an account, its reserved change, its recorded change (nano-credits)
 OUTPUT_BOUNDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
@@ -281,8 +280,15 @@ def release_job_now(hold: Hold, charged: int) -> None:
 
 
 def written(records: Iterable[tuple[int, int, str]]) -> None:
-    """Charges (user, nano-credits, recording process) are in the database: the balance holds them."""
+    """Charges (user, nano-credits, recording process) are in the database: the balance holds them.
+
+    One move per user, of what their records add up to, all in one round trip: the same as one
+    move per record, since these moves only lower the account and it stops at zero either way."""
     cache = ledger_cache()
+    # In memory only this process's own records were ever recorded; in Redis every process's were.
+    anyone = not isinstance(cache, MemoryCache)
+    totals: dict[int, int] = {}
     for user_id, nanos, process in records:
-        if nanos and (process == PROCESS or not isinstance(cache, MemoryCache)):
-            cache.move(user_account(user_id), recorded=-nanos)
+        if nanos and (anyone or process == PROCESS):
+            totals[user_id] = totals.get(user_id, 0) + nanos
+    cache.moves([(user_account(user_id), 0, -nanos) for user_id, nanos in totals.items()])

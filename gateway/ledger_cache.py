@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -38,6 +39,7 @@ PROCESS = uuid.uuid4().hex[:16]  # this process, for its reservations and its le
 LEASE_SECONDS = 30
 RENEW_SECONDS = 5
 ACCOUNT_TTL_SECONDS = 40 * 86400  # longer than any spend window
+Move = tuple[str, int, int]  # an account, its reserved change, its recorded change (nano-credits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +85,15 @@ class MemoryCache:
             return None
 
     def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        self.moves([(account, reserved, recorded)])
+
+    def moves(self, moves: Iterable[Move]) -> None:
         with self.lock:
-            state = self.accounts.setdefault(account, [-1, 0, 0, 0])
-            # Never below zero: a release may reach this cache without its reservation (Redis away).
-            state[3] = max(state[3] + reserved, 0)
-            state[2] = max(state[2] + recorded, 0)
+            for account, reserved, recorded in moves:
+                state = self.accounts.setdefault(account, [-1, 0, 0, 0])
+                # Never below zero: a release may reach this cache without its reservation (Redis away).
+                state[3] = max(state[3] + reserved, 0)
+                state[2] = max(state[2] + recorded, 0)
 
     def seen(self, seed: Seed) -> None:
         with self.lock:
@@ -165,17 +171,31 @@ class RedisCache:
             warn_unreachable("credits", exc)
             return self.local.reserve(seeds, nanos, need)
 
+    def _move_args(self, moves: list[Move]) -> tuple[list[str], list[Any]]:
+        args: list[Any] = [PROCESS, ACCOUNT_TTL_SECONDS]
+        for _, reserved, recorded in moves:
+            args += [reserved, recorded]
+        return [self.prefix + account for account, _, _ in moves], args
+
     def move(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
+        self.moves([(account, reserved, recorded)])
+
+    def moves(self, moves: Iterable[Move]) -> None:
+        """Several accounts' moves in one round trip (the usage writer's, once per flush)."""
+        batch = list(moves)
+        if not batch:
+            return
+        keys, args = self._move_args(batch)
         try:
-            self.move_script(keys=[self.prefix + account], args=[PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS])
+            self.move_script(keys=keys, args=args)
         except RedisError as exc:
             warn_unreachable("credits", exc)
-            self.local.move(account, reserved=reserved, recorded=recorded)
+            self.local.moves(batch)
 
     async def amove(self, account: str, *, reserved: int = 0, recorded: int = 0) -> None:
-        args = [PROCESS, reserved, recorded, ACCOUNT_TTL_SECONDS]
+        keys, args = self._move_args([(account, reserved, recorded)])
         try:
-            await self._move_script()(keys=[self.prefix + account], args=args)
+            await self._move_script()(keys=keys, args=args)
         except RedisError as exc:
             warn_unreachable("credits", exc)
             self.local.move(account, reserved=reserved, recorded=recorded)

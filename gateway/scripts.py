@@ -223,8 +223,8 @@ return {0, '0'}
 """
 )
 
-# KEYS: the account. ARGV: process, reserved change, recorded change, ttl.
-MOVE = _FUNCTIONS + "move(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+# KEYS: the accounts. ARGV: process, ttl, then per account its reserved change and recorded change.
+MOVE = _FUNCTIONS + "for j = 1, #KEYS do move(KEYS[j], ARGV[1], ARGV[1 + 2 * j], ARGV[2 + 2 * j], ARGV[2]) end"
 
 # KEYS: the account. ARGV: version, base.
 SEED = (

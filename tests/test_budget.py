@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,7 +17,7 @@ from billing.models import Balance, price_tokens, to_picos
 from billing.services import create_user
 from gateway import budget
 from gateway.accounting import accountant
-from gateway.ledger_cache import MemoryCache, RedisCache, Seed
+from gateway.ledger_cache import PROCESS, MemoryCache, RedisCache, Seed, ledger_cache
 from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, GatewayProcess, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
@@ -243,3 +244,58 @@ def test_while_redis_is_unreachable_credits_are_counted_in_memory():
     assert cache.reserve([seed], 1, 0) is not None  # the bound still holds, in this process
     cache.move("u1", reserved=-120)
     assert cache.reserve([seed], 1, 0) is None
+
+
+def test_moves_redis_cannot_take_are_made_in_memory():
+    cache = RedisCache("redis://127.0.0.1:1/0", "unreachable")
+    cache.moves([("u1", 0, 500), ("u2", 30, 7), ("u1", 0, -200)])
+    assert (cache.local.accounts["u1"][2:], cache.local.accounts["u2"][2:]) == ([300, 0], [7, 30])
+
+
+def unseen_users(count: int) -> list[int]:
+    """User ids no test creates: their accounts in the shared cache are this test's alone."""
+    first = 10**9 + random.randrange(10**8)
+    return list(range(first, first + count))
+
+
+@pytest.mark.skipif(bool(settings.REDIS_URL), reason="credits in this process's memory (unset REDIS_URL)")
+def test_in_memory_a_flush_takes_off_only_what_this_process_recorded():
+    cache = ledger_cache()
+    assert isinstance(cache, MemoryCache)
+    (user,) = unseen_users(1)
+    account = budget.user_account(user)
+    cache.move(account, recorded=10_000)  # what this process's calls recorded as they ended
+
+    budget.written([(user, 100, PROCESS)] * 40 + [(user, 999, "another-process"), (user, 0, PROCESS)])
+
+    assert cache.accounts[account][2] == 10_000 - 40 * 100
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="credits in Redis (set REDIS_URL)")
+def test_a_flush_moves_each_users_credits_once_by_their_sum_in_one_round_trip():
+    cache = ledger_cache()
+    assert isinstance(cache, RedisCache)
+    users = unseen_users(2)
+    keys = [cache.prefix + budget.user_account(user) for user in users]
+    cache.moves([(budget.user_account(user), 0, 10**6) for user in users])
+    # In Redis every process's records were recorded there: the writer takes them all off.
+    records = [(users[0], 1_000 + n, PROCESS if n % 2 else "another-process") for n in range(50)]
+    records += [(users[1], 7, PROCESS)] * 3 + [(users[0], 0, PROCESS)]
+    first_total = sum(nanos for user, nanos, _ in records if user == users[0])
+
+    try:
+        with cache.sync.monitor() as monitor:
+            budget.written(records)
+            end = f"end-{uuid.uuid4().hex}"
+            cache.sync.echo(end)
+            seen = []  # every command Redis ran meanwhile, from any client, in the order it ran them
+            while (command := monitor.next_command())["command"] != f"ECHO {end}":
+                seen.append(command)
+        ours = [c for c in seen if any(key in c["command"] for key in keys)]
+        sent = [c["command"].split()[0] for c in ours if c["client_type"] != "lua"]
+        moved = [c["command"] for c in ours if c["client_type"] == "lua" and c["command"].startswith("HINCRBY")]
+        assert sent == ["EVALSHA"]
+        assert moved == [f"HINCRBY {keys[0]} s {-first_total}", f"HINCRBY {keys[1]} s -21"]
+        assert [int(cache.sync.hget(key, "s") or 0) for key in keys] == [10**6 - first_total, 10**6 - 21]
+    finally:
+        cache.sync.delete(*keys)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as tz
 from decimal import Decimal
 
 import pytest
@@ -16,8 +17,18 @@ from django.utils import timezone
 from accounts.models import AccessGroup, ApiKey, User
 from accounts.services import create_api_key, hash_secret
 from billing.models import AppendOnlyError, Balance, CreditTransaction, Tariff
-from billing.services import Usage, charge_usage, grant_credits, remove_credits, set_tariff, tariff_for
-from gateway.models import DeployedModel
+from billing.services import (
+    Usage,
+    charge_usage,
+    charge_usages,
+    grant_credits,
+    remove_credits,
+    set_tariff,
+    tariff_for,
+)
+from common.bulk import insert_rows
+from gateway.accounting import LOG_COLUMNS
+from gateway.models import DeployedModel, RequestLog
 from gateway.services import add_endpoint, add_model
 
 
@@ -200,6 +211,102 @@ def test_a_negative_price_is_refused(model: DeployedModel) -> None:
     with pytest.raises(ValueError):
         set_tariff(model, input_price="-1", output_price="1")
     assert not Tariff.objects.exists()
+
+
+# --- the bulk writer (common.bulk: COPY on PostgreSQL, executemany on SQLite) ----------------
+
+# What a text format may take for its own: delimiters, escapes, its NULL and end-of-data markers.
+AWKWARD = [
+    "tab\there",
+    "new\nline\r\nand return\r",
+    "back\\slash \\\\ two",
+    "\\N",
+    "\\.",
+    "'single' \"double\" `back`",
+    "unicode é ✓ 🙂 中文",
+    "",
+    " spaced ",
+    "comma,semi;pipe|",
+    "\\x41 \\t not an escape",
+]
+# Exact to the nano-credit. SQLite keeps 15 significant digits of a decimal (it stores a REAL):
+# the full 24 only on PostgreSQL.
+EXACT = [Decimal("0.000000001"), Decimal("0.1"), Decimal("123456.123456789"), Decimal("0.999999999"), Decimal("1E-9")]
+EXACT_24 = [Decimal("123456789012345.123456789"), Decimal("99999999999999.999999999")]
+
+
+def exact_amounts() -> list[Decimal]:
+    return EXACT + EXACT_24 if connection.vendor == "postgresql" else EXACT
+
+
+def log_row(n: int, text: str, cost: Decimal | None) -> tuple[object, ...]:
+    values = {
+        "request_id": f"req_bulk_{n}",
+        "user_id": None,
+        "api_key_id": None,
+        "model_alias": text,
+        "path": text[:100],
+        "service_tier": "realtime",
+        "status_code": 200,
+        "latency_ms": 1234.5678901234,
+        "ttfb_ms": None if n % 2 else 0.1,
+        "input_tokens": None if n % 3 else 2**31 - 1,
+        "output_tokens": 0,
+        "cost": cost,
+        "usage_estimated": bool(n % 2),
+        "client_request_id": text * 3,
+        "error_code": text[:64],
+        "key_prefix": text[:16],
+        "client_ip": [None, "10.0.0.1", "2001:db8::1"][n % 3],
+        # Aware, not UTC, to the microsecond.
+        "created_at": datetime(2026, 12, 2, 9, 30, 15, n, tzinfo=tz(timedelta(hours=5, minutes=30))),
+    }
+    return tuple(values[column] for column in LOG_COLUMNS)
+
+
+@pytest.mark.parametrize("skip_conflicts", [False, True])
+def test_bulk_rows_keep_awkward_text_exact_decimals_aware_times_and_nulls(db, skip_conflicts: bool) -> None:
+    costs = [*exact_amounts(), None]
+    rows = [log_row(n, text, costs[n % len(costs)]) for n, text in enumerate(AWKWARD)]
+
+    insert_rows(RequestLog, LOG_COLUMNS, rows, skip_conflicts=skip_conflicts)
+
+    stored = RequestLog.objects.values_list(*LOG_COLUMNS)
+    assert sorted(stored) == sorted(rows)
+    assert all(row[-1].tzinfo is not None for row in stored)
+
+
+def test_charges_keep_their_exact_amounts_and_awkward_descriptions(user_with_credits: User) -> None:
+    costs = exact_amounts()
+    usages = [
+        Usage(
+            user_id=user_with_credits.pk,
+            source_id=f"req-exact-{n}",
+            model_alias=AWKWARD[n],
+            tier="realtime",
+            input_tokens=n,
+            output_tokens=1,
+            cost=cost,
+        )
+        for n, cost in enumerate(costs)
+    ]
+
+    charge_usages(usages)
+
+    stored = CreditTransaction.objects.filter(kind="usage").values_list("source_id", "amount", "description")
+    assert sorted(stored) == sorted(
+        (u.source_id, u.cost, f"{u.model_alias}: {u.input_tokens} in / 1 out") for u in usages
+    )
+    assert assert_ledger_matches_balance(user_with_credits) == Decimal(100) - sum(costs)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_skipping_conflicts_are_written_outside_a_transaction_too() -> None:
+    # No transaction of the caller's: what is staged on the way in must not be dropped by a commit.
+    rows = [log_row(n, "autocommit", Decimal("0.5")) for n in range(3)]
+    insert_rows(RequestLog, LOG_COLUMNS, rows, skip_conflicts=True)
+    insert_rows(RequestLog, LOG_COLUMNS, [*rows, log_row(3, "autocommit", None)], skip_conflicts=True)
+    assert RequestLog.objects.filter(model_alias="autocommit").count() == 4
 
 
 # --- concurrency ----------------------------------------------------------------------------

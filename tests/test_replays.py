@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
-from billing.models import CreditTransaction
+from billing.models import Balance, CreditTransaction
 from billing.services import set_tariff
 from gateway.accounting import CallRecord, write_records
 from gateway.jobs import create_job
@@ -57,6 +58,26 @@ def test_a_batch_of_call_records_written_twice_is_charged_once(user_with_credits
     assert sorted(charges.values_list("source_id", flat=True)) == sorted(r.request_id for r in batch)
     assert set(charges.values_list("amount", flat=True)) == {COST}
     assert RequestLog.objects.count() == 3
+
+
+def test_a_segment_written_again_with_more_calls_adds_and_charges_only_the_new_ones(
+    user_with_credits, paid_model, caplog
+):
+    # A crash after the commit and before the segment was marked done, and more calls journaled since.
+    written = [record(user_with_credits, paid_model, uuid.uuid4().hex) for _ in range(4)]
+    write_records(written)
+    new = [record(user_with_credits, paid_model, uuid.uuid4().hex) for _ in range(3)]
+
+    write_records([*new[:1], *written, *new[1:], new[0]])  # new[0] twice in one batch: still once
+
+    calls = [*written, *new]
+    assert sorted(RequestLog.objects.values_list("request_id", flat=True)) == sorted(
+        f"req_{r.request_id}" for r in calls
+    )
+    charges = CreditTransaction.objects.filter(kind="usage")
+    assert sorted(charges.values_list("source_id", flat=True)) == sorted(r.request_id for r in calls)
+    assert Balance.objects.amount_of(user_with_credits) == Decimal(100) - len(calls) * COST
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # no record refused
 
 
 def test_a_flex_outcome_settled_twice_is_charged_once(user_with_credits, paid_model):
