@@ -16,11 +16,30 @@ from typing import Any, cast
 from django.db import connection, models, transaction
 
 
+def _decimal(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _datetime_adapter() -> Callable[[Any], Any]:
+    """Django's ``adapt_datetimefield_value`` for SQLite, for a plain datetime (what the writers
+    give): naive in the connection's time zone, as text. Without its checks, a fifth of its cost."""
+    zone = connection.timezone
+
+    def adapt(value: Any) -> str | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(zone).replace(tzinfo=None)
+        return str(value)
+
+    return adapt
+
+
 def _adapter(field: models.Field) -> Callable[[Any], Any] | None:  # type: ignore[type-arg]
     if isinstance(field, models.DecimalField):
-        return lambda value: None if value is None else str(value)
+        return _decimal
     if isinstance(field, models.DateTimeField):
-        return connection.ops.adapt_datetimefield_value
+        return _datetime_adapter()
     return None
 
 
@@ -39,7 +58,7 @@ def insert_rows(
     if connection.vendor == "postgresql":
         _copy_rows(meta.db_table, names, rows, skip_conflicts=skip_conflicts)
         return
-    adapters = [_adapter(field) for field in fields]
+    adapters = [(index, adapt) for index, field in enumerate(fields) if (adapt := _adapter(field)) is not None]
     quote = connection.ops.quote_name
     sql = "INSERT INTO {} ({}) VALUES ({}){}".format(  # noqa: S608  (names from model metadata, quoted)
         quote(meta.db_table),
@@ -47,7 +66,12 @@ def insert_rows(
         ", ".join(["%s"] * len(fields)),
         " ON CONFLICT DO NOTHING" if skip_conflicts else "",
     )
-    values = [tuple(adapt(v) if adapt else v for adapt, v in zip(adapters, row, strict=True)) for row in rows]
+    values = []
+    for row in rows:
+        value = list(row)
+        for index, adapt in adapters:
+            value[index] = adapt(value[index])
+        values.append(value)
     if values:
         with connection.cursor() as cursor:
             cursor.executemany(sql, values)
