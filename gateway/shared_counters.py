@@ -62,12 +62,20 @@ class _Link:
         self.renewer: asyncio.Task[None] | None = None
         self.pending: set[asyncio.Future[Any]] = set()  # endings sent and not yet answered
 
-    def run(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run the script; the future has its answer or its RedisError."""
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def run(self, script: Script, keys: list[str], args: list[Any], *, later: bool = False) -> asyncio.Future[Any]:
+        """Run the script; the future has its answer or its RedisError. `later`: sent a turn of the
+        loop later, after what this turn writes to clients (an ending: its answer goes out first)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        if later:
+            loop.call_soon(self._send, script, keys, args, answer)
+        else:
+            self._send(script, keys, args, answer)
+        return answer
+
+    def _send(self, script: Script, keys: list[str], args: list[Any], answer: asyncio.Future[Any]) -> None:
         sent = self.wire.call("EVALSHA", script.sha, len(keys), *keys, *args)
         sent.add_done_callback(functools.partial(self._answered, script, keys, args, answer))
-        return answer
 
     def _answered(
         self, script: Script, keys: list[str], args: list[Any], answer: asyncio.Future[Any], sent: asyncio.Future[Any]
@@ -216,7 +224,7 @@ class RedisCounters(OneAtATime):
         self._let_go(link, ending)  # no longer renewed, whatever happens next
         keys, args = self._finish_call(ending)
         if keys:
-            sent = link.run(FINISH, keys, args)
+            sent = link.run(FINISH, keys, args, later=True)
             link.pending.add(sent)
             sent.add_done_callback(lambda _: link.pending.discard(sent))
             sent.add_done_callback(lambda _: self._ended(sent, ending))
