@@ -134,35 +134,32 @@ async def test_a_chunked_answer_is_read_whole_and_as_it_comes(serve):
     await response.close()
 
 
-async def test_an_answer_with_no_length_ends_with_its_connection(serve):
+def answer_once(raw: bytes, *, then_wait: float = 0) -> Callable[[RawServer], Handler]:
+    """A server that answers one request with `raw` (waits `then_wait` seconds) and hangs up."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n{}")
-        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"a":1}')
+        writer.write(raw)
         await writer.drain()
+        await asyncio.sleep(then_wait)
 
-    url, _ = await serve(lambda _: handler)
+    return lambda _: handler
+
+
+async def test_an_answer_with_no_length_ends_with_its_connection(serve):
+    url, _ = await serve(answer_once(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a":1}'))
     assert await post(Client(10), url) == (200, "application/json", b'{"a":1}')
 
 
 async def test_an_answer_cut_before_its_end_is_unreachable(serve):
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n{}")
-        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial')
-        await writer.drain()
-
-    url, _ = await serve(lambda _: handler)
+    url, _ = await serve(answer_once(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial'))
     with pytest.raises(UpstreamUnreachable, match="closed the connection"):
         await post(Client(10), url)
 
 
 async def test_an_answer_slower_than_the_deadline_times_out(serve):
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n{}")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")  # the head in time, the body never
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    url, _ = await serve(lambda _: handler)
+    # The head in time, the body never.
+    url, _ = await serve(answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", then_wait=5))
     client = Client(1)
     with pytest.raises(UpstreamTimeout):
         await post(client, url, timeout=0.3)
