@@ -86,9 +86,6 @@ class Headers:
     def get(self, name: str, default: Any = None) -> Any:
         return self.values.get(name.lower(), default)
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self.values
-
 
 class ApiRequest:
     """A model call's request (POST with a JSON body to an inference path) as the gateway's
