@@ -5,10 +5,11 @@ own in ``GATEWAY_JOURNAL_DIR``, with one ``write()`` each (it survives the proce
 segment is ``fsync``-ed when sealed, every flush interval, for a machine that goes down). A process
 holds an exclusive ``flock`` on every segment it has not yet written to the database, so a segment
 nobody holds belongs to a process that died: the next process that looks takes its lock and writes
-it (never two at once). A segment's name carries a digest of its database, so processes of several
-databases may share the directory: each writes only its own database's segments. A segment is
-deleted only once its records are in the database; while the database is away the sealed segments
-wait on disk, not in memory.
+it (never two at once). A segment is created under a name no drainer looks at and renamed into
+place once locked, so no drainer can take it between its creation and its lock. A segment's name
+carries a digest of its database, so processes of several databases may share the directory: each
+writes only its own database's segments. A segment is deleted only once its records are in the
+database; while the database is away the sealed segments wait on disk, not in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 SUFFIX = ".jsonl"
+NEW = ".new"  # a segment being created, not yet locked: no drainer looks at this name
 
 
 def _lock(path: Path, flags: int = 0) -> int | None:
@@ -74,8 +76,10 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.number += 1
         path = self.directory / f"{self.database}-{os.getpid()}-{self.process}-{self.number:08d}{SUFFIX}"
-        fd = _lock(path, os.O_CREAT | os.O_EXCL)
-        assert fd is not None, f"{path} is new: nobody else can hold it"
+        creating = path.with_suffix(NEW)
+        fd = _lock(creating, os.O_CREAT | os.O_EXCL)
+        assert fd is not None, f"{creating} is new and unknown to drainers: nobody else can hold it"
+        os.rename(creating, path)  # the lock is the open file's: it holds under the new name
         return Segment(path, fd)
 
     def append(self, record: object) -> None:

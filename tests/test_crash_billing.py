@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,22 @@ def test_a_journal_of_another_database_is_never_taken(tmp_path):
     os_close_all(dead)  # its writer is gone: nobody holds it
     assert list(Journal(tmp_path, "ours", database="ours").orphans()) == []
     assert len(list(Journal(tmp_path, "next", database="other").orphans())) == 1
+
+
+def test_a_segment_being_created_is_never_taken_for_an_orphan(tmp_path, monkeypatch):
+    # Another process's drainer looks at the directory in the moment between the segment's
+    # creation and its lock: it must not see a segment nobody holds.
+    ours, drainer = Journal(tmp_path, "ours"), Journal(tmp_path, "drainer")
+    taken = []
+    flock = fcntl.flock
+
+    def drain_first(fd: int, operation: int) -> None:
+        monkeypatch.setattr(fcntl, "flock", flock)  # the drainer's own locks are real
+        taken.extend(drainer.orphans())
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", drain_first)
+    ours.append(_Line(1))
+    assert taken == []
+    (segment,) = ours.seal()
+    assert segment.path.suffix == ".jsonl" and list(segment.lines()) == [{"n": 1}]
