@@ -65,6 +65,36 @@ def own_files(tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def patient_flush() -> Iterator[None]:
+    """Empty the database after a transactional test even while the live gateway reads it.
+
+    The session's gateway keeps polling (its snapshot, balances, journals), and on PostgreSQL a
+    poll can meet the flush's TRUNCATE in a deadlock, which PostgreSQL breaks by failing one of
+    them; left failed, every later test would start on the last one's rows. A deadlock is meant
+    to be retried: try the flush again (saying why), a few times, before giving up.
+    """
+    from django.core.management import CommandError
+    from django.core.management.commands import flush
+    from django.db import OperationalError
+
+    original = flush.Command.handle
+
+    def handle(self, **options):  # type: ignore[no-untyped-def]
+        for attempt in range(1, 4):
+            try:
+                return original(self, **options)
+            except CommandError as exc:
+                if attempt == 3 or not isinstance(exc.__cause__, OperationalError):
+                    raise
+                print(f"The flush failed ({exc.__cause__}); trying again.", file=sys.stderr)
+                time.sleep(0.2 * attempt)
+
+    flush.Command.handle = handle
+    yield
+    flush.Command.handle = original
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fresh_redis_state() -> None:
     """Credit accounts and limit counters in Redis are keyed by ids: a test database made again reuses them."""
     from django.conf import settings
