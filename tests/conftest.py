@@ -65,6 +65,35 @@ def own_files(tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def block_only_the_tests_own_thread(django_db_blocker) -> None:  # type: ignore[no-untyped-def]
+    """Outside database tests pytest-django blocks database access by swapping
+    ``BaseDatabaseWrapper.ensure_connection`` for every thread at once. The live gateway's threads
+    (and a flex worker's) stand for processes of their own: one blocked mid-connect, after taking a
+    pooled connection and before switching it to autocommit, kept that half-made connection, and the
+    next call on its thread wrote into a transaction nobody committed (a response created, then not
+    found). Block the test's own thread only.
+    """
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from pytest_django.plugin import DjangoDbBlocker
+
+    blocking = DjangoDbBlocker._blocking_wrapper
+    django_db_blocker._dj_db_wrapper  # noqa: B018  (pytest-django notes the real method on first use)
+    real = django_db_blocker._real_ensure_connection
+
+    def ensure_connection(connection):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is threading.main_thread():
+            blocking()  # raises pytest-django's "Database access not allowed"
+        return real(connection)
+
+    def thread_aware(entry):  # type: ignore[no-untyped-def]
+        return ensure_connection if getattr(entry, "__func__", None) is blocking else entry
+
+    django_db_blocker._history[:] = [thread_aware(entry) for entry in django_db_blocker._history]
+    BaseDatabaseWrapper.ensure_connection = thread_aware(BaseDatabaseWrapper.ensure_connection)
+    DjangoDbBlocker._blocking_wrapper = property(lambda _: ensure_connection)  # every block() from now on
+
+
+@pytest.fixture(scope="session", autouse=True)
 def patient_flush() -> Iterator[None]:
     """Empty the database after a transactional test even while the live gateway reads it.
 
