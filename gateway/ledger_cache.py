@@ -203,7 +203,7 @@ class RedisCache:
     def seen(self, seed: Seed) -> None:
         self.local.seen(seed)
         try:
-            self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base])
+            self.seed_script(keys=[self.prefix + seed.account], args=[seed.version, seed.base, ACCOUNT_TTL_SECONDS])
         except RedisError as exc:
             warn_unreachable("credits", exc)
 

@@ -64,27 +64,31 @@ local function outlive(key, lease)
 end
 
 -- What an account has left: its base, less what is recorded and reserved (the reservations of
--- processes whose lease lapsed are dropped), seeded first with the caller's base if newer.
-local function available(key, version, base, process, leases)
-  if tonumber(version) > tonumber(redis.call('HGET', key, 'v') or '-1') then
-    redis.call('HSET', key, 'v', version, 'b', base)
-  end
+-- processes whose lease lapsed are dropped), seeded first with the caller's base if newer (and
+-- given its lifetime then: every ending renews it).
+local function available(key, version, base, process, leases, ttl)
   local fields = redis.call('HGETALL', key)
-  local left = 0
+  local known, held, taken = -1, 0, 0
   for j = 1, #fields, 2 do
     local name, value = fields[j], tonumber(fields[j + 1])
-    if name == 'b' then left = left + value
-    elseif name == 's' then left = left - value
+    if name == 'v' then known = value
+    elseif name == 'b' then held = value
+    elseif name == 's' then taken = taken + value
     elseif string.sub(name, 1, 2) == 'c:' then
       local owner = string.sub(name, 3)
       if owner ~= process and redis.call('EXISTS', leases .. owner) == 0 then
         redis.call('HDEL', key, name)
       else
-        left = left - value
+        taken = taken + value
       end
     end
   end
-  return left
+  if tonumber(version) > known then
+    redis.call('HSET', key, 'v', version, 'b', base)
+    redis.call('EXPIRE', key, ttl)
+    held = tonumber(base)
+  end
+  return held - taken
 end
 
 local function move(key, process, reserved, recorded, ttl)
@@ -127,15 +131,18 @@ local process, leases, nanos, need, ttl = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
 local accounts, refusing, left = tonumber(ARGV[a + 9]), 0, 0
 if refused == 0 then
   for j = 1, accounts do
-    left = available(KEYS[first_account + j - 1], ARGV[a + 8 + 2 * j], ARGV[a + 9 + 2 * j], process, leases)
+    left = available(KEYS[first_account + j - 1], ARGV[a + 8 + 2 * j], ARGV[a + 9 + 2 * j], process, leases, ttl)
     if left <= 0 or left < need then refused, refusing = -1, j break end
   end
 end
 local now_ms = 0
 if refused == 0 and capacity > 0 then
   now_ms = slots_now()
-  redis.call('ZREMRANGEBYSCORE', KEYS[slots], '-inf', now_ms)
-  if redis.call('ZCARD', KEYS[slots]) >= capacity then refused = -2 end
+  -- Lapsed leases (of processes that died) matter only once the slots look full: dropped then.
+  if redis.call('ZCARD', KEYS[slots]) >= capacity then
+    redis.call('ZREMRANGEBYSCORE', KEYS[slots], '-inf', now_ms)
+    if redis.call('ZCARD', KEYS[slots]) >= capacity then refused = -2 end
+  end
 end
 if refused == 0 then
   for i = 1, limits do
@@ -148,11 +155,7 @@ if refused == 0 then
       redis.call('PEXPIRE', bucket, math.ceil((c[8] - c[3]) / c[7] * 1000) + 1000)
     end
   end
-  for j = 1, accounts do
-    local key = KEYS[first_account + j - 1]
-    redis.call('HINCRBY', key, 'c:' .. process, nanos)
-    redis.call('EXPIRE', key, ttl)
-  end
+  for j = 1, accounts do redis.call('HINCRBY', KEYS[first_account + j - 1], 'c:' .. process, nanos) end
   if capacity > 0 then
     redis.call('ZADD', KEYS[slots], now_ms + lease_ms, slot)
     outlive(KEYS[slots], lease_ms)
@@ -212,13 +215,10 @@ RESERVE = (
     + """
 local lefts = {}
 for i, key in ipairs(KEYS) do
-  lefts[i] = available(key, ARGV[4 + 2 * i], ARGV[5 + 2 * i], ARGV[1], ARGV[2])
+  lefts[i] = available(key, ARGV[4 + 2 * i], ARGV[5 + 2 * i], ARGV[1], ARGV[2], ARGV[5])
   if lefts[i] <= 0 or lefts[i] < tonumber(ARGV[4]) then return {i, tostring(lefts[i])} end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, 'c:' .. ARGV[1], ARGV[3])
-  redis.call('EXPIRE', key, ARGV[5])
-end
+for _, key in ipairs(KEYS) do redis.call('HINCRBY', key, 'c:' .. ARGV[1], ARGV[3]) end
 return {0, '0'}
 """
 )
@@ -226,12 +226,13 @@ return {0, '0'}
 # KEYS: the accounts. ARGV: process, ttl, then per account its reserved change and recorded change.
 MOVE = _FUNCTIONS + "for j = 1, #KEYS do move(KEYS[j], ARGV[1], ARGV[1 + 2 * j], ARGV[2 + 2 * j], ARGV[2]) end"
 
-# KEYS: the account. ARGV: version, base.
+# KEYS: the account. ARGV: version, base, ttl.
 SEED = (
     _FUNCTIONS
     + """
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'v') or '-1') then
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'b', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 """
 )

@@ -17,7 +17,7 @@ from billing.models import Balance, price_tokens, to_picos
 from billing.services import create_user
 from gateway import budget
 from gateway.accounting import accountant
-from gateway.ledger_cache import PROCESS, MemoryCache, RedisCache, Seed, ledger_cache
+from gateway.ledger_cache import ACCOUNT_TTL_SECONDS, PROCESS, MemoryCache, RedisCache, Seed, ledger_cache
 from tests.conftest import HELLO, PRICE_IN, PRICE_OUT, GatewayProcess, wait_for
 from tests.upstream import COMPLETION_TOKENS, PROMPT_TOKENS
 
@@ -194,8 +194,17 @@ def test_spend_windows_are_utc_calendar_windows(window, now, start, end):
     assert budget.window_of(window, now) == (start, end)
 
 
-def test_the_cache_admits_while_room_is_left_and_a_newer_base_wins():
-    cache = MemoryCache()
+@pytest.fixture(params=["memory", "redis"])
+def credit_cache(request):  # type: ignore[no-untyped-def]
+    if request.param == "memory":
+        return MemoryCache()
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis (REDIS_URL)")
+    return RedisCache(settings.REDIS_URL, f"{settings.REDIS_PREFIX}:test:{uuid.uuid4().hex}")
+
+
+def test_the_cache_admits_while_room_is_left_and_a_newer_base_wins(credit_cache):
+    cache = credit_cache
     seed = Seed("u1", 1, 100)
     assert cache.reserve([seed], 60, 0) is None
     assert cache.reserve([seed], 60, 0) is None  # unbounded: room was left (40)
@@ -207,6 +216,17 @@ def test_the_cache_admits_while_room_is_left_and_a_newer_base_wins():
     cache.seen(Seed("u1", 2, 150))  # the charges are written and 150 credited: 150 - 100 recorded
     assert cache.reserve([seed], 1, 60) is not None  # a bound of 60 does not fit in 50
     assert cache.reserve([seed], 1, 50) is None
+    if isinstance(cache, RedisCache):  # an account no process touches any more goes in time
+        assert 0 < cache.sync.ttl(cache.prefix + "u1") <= ACCOUNT_TTL_SECONDS
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="credits in Redis (set REDIS_URL)")
+def test_an_account_made_in_redis_is_made_with_its_lifetime():
+    cache = RedisCache(settings.REDIS_URL, f"{settings.REDIS_PREFIX}:test:{uuid.uuid4().hex}")
+    cache.seen(Seed("seeded", 1, 100))
+    assert cache.reserve([Seed("reserved", 1, 100)], 10, 0) is None
+    for account in ("seeded", "reserved"):
+        assert 0 < cache.sync.ttl(cache.prefix + account) <= ACCOUNT_TTL_SECONDS
 
 
 def test_a_refusal_names_the_account_that_refused():
