@@ -11,6 +11,7 @@ alternate the two, it sends `--requests` calls of each kind and reads the servin
 the records of the round are paid for in that round:
 
 - ``call``            a paid chat completion (the bench body), answered by the upstream;
+- ``stream``          the same with ``stream: true`` (and the usage chunk), relayed event by event;
 - ``unknown_key``     a key the gateway never issued: 401 invalid_api_key;
 - ``unknown_model``   a valid key and a model that does not exist: 404 model_not_found.
 
@@ -47,6 +48,7 @@ CHAT = {
 }
 KINDS = {  # kind -> (model, use the bench key, expected status)
     "call": ("bench-model", True, 200),
+    "stream": ("bench-model", True, 200),
     "unknown_key": ("bench-model", False, 401),
     "unknown_model": ("no-such-model", True, 404),
 }
@@ -74,7 +76,8 @@ def measure(pid: int, url: str, secret: str, kind: str, requests: int, clients: 
     model, keyed, expected = KINDS[kind]
     key = secret if keyed else "sk-" + "x" * 43
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    body = orjson.dumps({**CHAT, "model": model})
+    streamed = {"stream": True, "stream_options": {"include_usage": True}} if kind == "stream" else {}
+    body = orjson.dumps({**CHAT, "model": model, **streamed})
     pool = [httpx.Client(headers=headers, timeout=30) for _ in range(clients)]
 
     def send(n: int) -> None:

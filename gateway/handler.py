@@ -44,6 +44,7 @@ from gateway.call import new_request_id
 from gateway.errors import FILE_TOO_LARGE_MESSAGE, error_body
 from gateway.middleware import API_PREFIX
 from gateway.policy import INFERENCE_PATHS
+from gateway.upstream import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,10 @@ class GatewayHandler(ASGIHandler):
         try:
             response = await get_response(request)
             try:
-                await self.send_response(response, send)
+                if isinstance(response, Relay):
+                    await send_relay(response, send)
+                else:
+                    await self.send_response(response, send)
                 watch.answered = True
             finally:
                 close_quietly(response)
@@ -275,6 +279,15 @@ def close_quietly(response) -> None:  # type: ignore[no-untyped-def]
             logger.exception("Error while closing a response")
     response._resource_closers.clear()
     response.closed = True
+
+
+async def send_relay(response: Relay, send) -> None:  # type: ignore[no-untyped-def]
+    headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    async with contextlib.aclosing(response.parts) as parts:
+        async for part in parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+    await send({"type": "http.response.body"})
 
 
 async def send_json(send, status: int, body: bytes) -> None:  # type: ignore[no-untyped-def]

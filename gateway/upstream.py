@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from django.http import StreamingHttpResponse
 
 from gateway import clients, translate
 from gateway.errors import UPSTREAM_TIMEOUT_MESSAGE, UPSTREAM_UNREACHABLE_MESSAGE
@@ -222,6 +223,16 @@ class UsageChunkDropper:
         return rest
 
 
+class Relay(StreamingHttpResponse):
+    """A relayed event stream: gateway.handler sends its parts as they come, past Django's own
+    sending, which passes every part through three generators of its own (a stream is a part per
+    token). A relay sets no cookies."""
+
+    def __init__(self, parts: AsyncGenerator[bytes], content_type: str) -> None:
+        super().__init__(parts, content_type=content_type)
+        self.parts = parts
+
+
 async def relay_stream(
     chunks: AsyncGenerator[bytes],
     status: int,
@@ -229,7 +240,7 @@ async def relay_stream(
     transform: Callable[[bytes], bytes] | None = None,
     *,
     drop_usage: bool = False,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """Pass an upstream SSE stream through chunk by chunk, and report its end to `on_end` once:
     before the final event goes out, so a finished call is on record before its client has all
     of it. `on_end` also hears whether the stream was cut short before its usage arrived (a

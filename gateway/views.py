@@ -19,7 +19,7 @@ from functools import wraps
 from typing import Any
 
 import orjson
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
@@ -32,6 +32,7 @@ from gateway.models import InferenceRequest, JobState
 from gateway.render import include_usage, json_response, response_object
 from gateway.translate import ResponsesStream, translated_stream
 from gateway.upstream import (
+    Relay,
     SSEUsage,
     UpstreamResult,
     answer_body,
@@ -230,9 +231,7 @@ async def stream(
     # The gateway always asks a chat upstream for usage (to bill from); the client gets it if it asked.
     drop_usage = call.path == "chat/completions" and not include_usage(call.body)
     events = chunks if translator is None else translated_stream(chunks, translator)
-    response = StreamingHttpResponse(
-        relay_stream(events, head.status, ended, transform, drop_usage=drop_usage), content_type=head.content_type
-    )
+    response = Relay(relay_stream(events, head.status, ended, transform, drop_usage=drop_usage), head.content_type)
     call.relaying = True  # a client that leaves now is not waited for (gateway.handler)
     call.recorded = True  # when the relay ends
     response["Cache-Control"] = "no-cache"
