@@ -89,14 +89,15 @@ def median(values):
 
 
 class Runs:
-    """Index of wrk records: (target, mode, phase) -> {round: record}."""
+    """Index of wrk records: (target, mode, phase) -> {round: record}; the CPU shares of the
+    32-connection runs (bench/cpu_share.py) as phase "cpu"."""
 
     def __init__(self, recs):
         self.idx = {}
         self.rounds = sorted({r["round"] for r in recs if r.get("kind") == "wrk"})
         for r in recs:
-            if r.get("kind") == "wrk":
-                self.idx.setdefault((r["target"], r["mode"], r["phase"]), {})[r["round"]] = r
+            if r.get("kind") in ("wrk", "cpu"):
+                self.idx.setdefault((r["target"], r["mode"], r.get("phase", "cpu")), {})[r["round"]] = r
 
     def get(self, target, mode, phase, rnd):
         return self.idx.get((target, mode, phase), {}).get(rnd)
@@ -130,7 +131,7 @@ class Runs:
         return sum(
             max(0, r.get("errors", 0))
             for (t, m, phase), by_round in self.idx.items()
-            if t == target and m == mode and phase != "warmup"
+            if t == target and m == mode and phase not in ("warmup", "cpu")
             for r in by_round.values()
         )
 
@@ -239,6 +240,38 @@ def slow_table(runs, targets, meta, lines, jsonl):
                 else median(runs.relative(t, "slow", "tput", "rps", "direct", lambda a, b: a / b)),
                 "errors": runs.errors(t, "slow"),
             }
+        )
+    lines.append("")
+
+
+CPU_ROLES = (
+    ("server", "server(s)"),
+    ("redis", "Redis"),
+    ("postgres", "PostgreSQL"),
+    ("mock", "mock upstreams"),
+    ("rest", "wrk, kernel, rest"),
+    ("idle", "idle"),
+)
+
+
+def cpu_table(runs, targets, meta, lines, jsonl):
+    rows = [(t, m) for t in targets for m in ("json", "stream") if runs.series(t, m, "cpu", "cores")]
+    if not rows:
+        return
+    lines += [
+        f"### Where the CPU went during the {meta.get('tput_conns', 32)}-connection runs",
+        "",
+        "Cores used on average (of the machine's all), per role (bench/cpu_share.py).",
+        "",
+        "| target | mode | " + " | ".join(label for _, label in CPU_ROLES) + " |",
+        "|---|---|" + "---|" * len(CPU_ROLES),
+    ]
+    for t, mode in rows:
+        shares = runs.series(t, mode, "cpu", "cores")
+        lines.append(md_row(LABEL.get(t, t), mode, *(cells([c[role] for c in shares]) for role, _ in CPU_ROLES)))
+        jsonl.append(
+            {"target": t, "mode": "cpu", "stream_mode": mode}
+            | {role: median([c[role] for c in shares]) for role, _ in CPU_ROLES}
         )
     lines.append("")
 
@@ -395,13 +428,14 @@ def main(argv):
     for mode in modes:
         main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl)
     slow_table(runs, targets, meta, lines, jsonl)
+    cpu_table(runs, targets, meta, lines, jsonl)
     scale_table(runs, rss, meta, lines, jsonl)
     rss_table(rss, targets, lines, jsonl)
     wrong = billing_table(recs, meta, run_dir, LABEL, lines, jsonl)
     # Right under the bars' table: a bar met by a gateway that does not charge is not met.
     lines[at_bars + len(bars) : at_bars + len(bars)] = billing_warning(wrong, LABEL)
 
-    extra = [r for r in recs if r.get("kind") not in ("wrk", "rss", "error", "billing", "smoke")]
+    extra = [r for r in recs if r.get("kind") not in ("wrk", "cpu", "rss", "error", "billing", "smoke")]
     if extra:
         lines += ["### Other results (flex queue, …)", "", "```"]
         lines += [json.dumps(r) for r in extra]

@@ -192,8 +192,14 @@ smokes() {
   record kind=smoke round="$ROUND" target="$TARGET" mode="$mode" count="$sent"
 }
 
+# cpu_snap -> the CPU ticks of the machine and of each role now (bench/cpu_share.py).
+cpu_snap() {
+  # shellcheck disable=SC2086  # T_PID2 and SLOW_PID may be empty
+  python3 "$BENCH_DIR/cpu_share.py" snap --server $T_PID $T_PID2 --mock $MOCK_PID $SLOW_PID
+}
+
 measure_target() {
-  local name=$1 mode stream lat tput tag warm
+  local name=$1 mode stream lat tput tag warm before after
   TARGET=$name
   for mode in $MODES; do
     stream=0
@@ -207,8 +213,11 @@ measure_target() {
     record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=warmup conns="$TPUT_CONNS" "$warm"
     lat=$(load "$LAT_CONNS" "$DURATION" "$T_URL" "$T_URL2" "$T_MODEL" "$stream" "$T_HEADERS" "$tag-lat")
     record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=lat conns="$LAT_CONNS" "$lat"
+    before=$(cpu_snap)
     tput=$(load "$TPUT_CONNS" "$DURATION" "$T_URL" "$T_URL2" "$T_MODEL" "$stream" "$T_HEADERS" "$tag-tput")
+    after=$(cpu_snap)
     record kind=wrk round="$ROUND" target="$name" mode="$mode" phase=tput conns="$TPUT_CONNS" "$tput"
+    record kind=cpu round="$ROUND" target="$name" mode="$mode" "$(python3 "$BENCH_DIR/cpu_share.py" diff "$before" "$after")"
     log "round $ROUND $name $mode: ${LAT_CONNS}-conn p50 $(jget "$lat" p50_ms) ms p99 $(jget "$lat" p99_ms) ms |" \
       "${TPUT_CONNS}-conn $(jget "$tput" rps) req/s p99 $(jget "$tput" p99_ms) ms | errors $(jget "$lat" errors)+$(jget "$tput" errors)"
   done
