@@ -9,16 +9,26 @@ Redis, PostgreSQL, the mock upstreams, and the rest (wrk, the kernel, anything e
 its processes (a server's child processes count as the server's; Redis and PostgreSQL are every
 process named redis-server and postgres). `diff` turns two snapshots into cores used on average
 between them (1.0 = one CPU busy all the time); "rest" is the machine's busy time less the roles'.
-Linux only, standard library only (run.sh records one per 32-connection run: kind=cpu).
+Linux only, standard library only. run.sh records one per 32-connection run (kind=cpu), and
+summarize.py shows them with :func:`cpu_table`.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 ROLES = ("server", "redis", "postgres", "mock")
+COLUMNS = (
+    ("server", "server(s)"),
+    ("redis", "Redis"),
+    ("postgres", "PostgreSQL"),
+    ("mock", "mock upstreams"),
+    ("rest", "wrk, kernel, rest"),
+    ("idle", "idle"),
+)
 BY_NAME = {"redis-server": "redis", "postgres": "postgres"}
 
 
@@ -77,6 +87,28 @@ def diff(before, after):
     cores["rest"] = round(max(0.0, used["busy"] - sum(used[role] for role in ROLES)), 3)
     cores["idle"] = round(max(0.0, (os.cpu_count() or 1) - used["busy"]), 3)
     return {"seconds": round(seconds, 2), "cores": cores}
+
+
+def cpu_table(runs, targets, meta, label, lines, jsonl):
+    """The table of a run's CPU shares, per target and mode (cells: round 1 / round 2 / …)."""
+    rows = [(t, m) for t in targets for m in ("json", "stream") if runs.series(t, m, "cpu", "cores")]
+    if not rows:
+        return
+    lines += [
+        f"### Where the CPU went during the {meta.get('tput_conns', 32)}-connection runs",
+        "",
+        "Cores used on average (of the machine's all), per role (bench/cpu_share.py).",
+        "",
+        "| target | mode | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for t, mode in rows:
+        shares = runs.series(t, mode, "cpu", "cores")
+        columns = [" / ".join(f"{c[role]:.2f}" for c in shares) for role, _ in COLUMNS]
+        lines.append(f"| {label.get(t, t)} | {mode} | " + " | ".join(columns) + " |")
+        medians = {role: statistics.median(c[role] for c in shares) for role, _ in COLUMNS}
+        jsonl.append({"target": t, "mode": "cpu", "stream_mode": mode} | medians)
+    lines.append("")
 
 
 def main():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bars import bars_section
 from billing_check import billing_table, billing_warning
+from cpu_share import cpu_table
 
 ORDER = [
     "direct",
@@ -244,38 +245,6 @@ def slow_table(runs, targets, meta, lines, jsonl):
     lines.append("")
 
 
-CPU_ROLES = (
-    ("server", "server(s)"),
-    ("redis", "Redis"),
-    ("postgres", "PostgreSQL"),
-    ("mock", "mock upstreams"),
-    ("rest", "wrk, kernel, rest"),
-    ("idle", "idle"),
-)
-
-
-def cpu_table(runs, targets, meta, lines, jsonl):
-    rows = [(t, m) for t in targets for m in ("json", "stream") if runs.series(t, m, "cpu", "cores")]
-    if not rows:
-        return
-    lines += [
-        f"### Where the CPU went during the {meta.get('tput_conns', 32)}-connection runs",
-        "",
-        "Cores used on average (of the machine's all), per role (bench/cpu_share.py).",
-        "",
-        "| target | mode | " + " | ".join(label for _, label in CPU_ROLES) + " |",
-        "|---|---|" + "---|" * len(CPU_ROLES),
-    ]
-    for t, mode in rows:
-        shares = runs.series(t, mode, "cpu", "cores")
-        lines.append(md_row(LABEL.get(t, t), mode, *(cells([c[role] for c in shares]) for role, _ in CPU_ROLES)))
-        jsonl.append(
-            {"target": t, "mode": "cpu", "stream_mode": mode}
-            | {role: median([c[role] for c in shares]) for role, _ in CPU_ROLES}
-        )
-    lines.append("")
-
-
 def scale_table(runs, rss, meta, lines, jsonl):
     tput_conns = meta.get("tput_conns", 32)
     if not runs.series("gateway-scale", "json", "tput", "rps") or not runs.series("gateway", "json", "tput", "rps"):
@@ -428,7 +397,7 @@ def main(argv):
     for mode in modes:
         main_table(runs, targets, mode, lat_conns, tput_conns, lines, jsonl)
     slow_table(runs, targets, meta, lines, jsonl)
-    cpu_table(runs, targets, meta, lines, jsonl)
+    cpu_table(runs, targets, meta, LABEL, lines, jsonl)
     scale_table(runs, rss, meta, lines, jsonl)
     rss_table(rss, targets, lines, jsonl)
     wrong = billing_table(recs, meta, run_dir, LABEL, lines, jsonl)
