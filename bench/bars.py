@@ -101,13 +101,13 @@ def two_proc_note(runs, modes, lines):
         if two and one:
             # Measured (bench/cpu_share.py): if both processes did per core what one did, they would
             # reach (the cores left to them) / (the cores one process used) of its req/s.
-            others = _median([sum(c.values()) - c["server"] - c["idle"] for c in two])
+            took = {role: _median([c[role] for c in two]) for role in ("redis", "postgres", "mock", "rest")}
+            others = sum(took.values())
             used = _median([c["server"] for c in one])
             notes.append(
-                f"{mode}: Redis {_median([c['redis'] for c in two]):.2f}, PostgreSQL "
-                f"{_median([c['postgres'] for c in two]):.2f}, the mocks {_median([c['mock'] for c in two]):.2f}, "
-                f"wrk, the kernel and the rest {_median([c['rest'] for c in two]):.2f}: {others:.2f} of a core "
-                f"in all, while one process used {used:.2f}, so a ceiling near {(2 - others) / used:.2f}x"
+                f"{mode}: Redis {took['redis']:.2f}, PostgreSQL {took['postgres']:.2f}, the mocks {took['mock']:.2f}, "
+                f"wrk, the kernel and the rest {took['rest']:.2f}: {others:.2f} of a core in all, while one "
+                f"process used {used:.2f}, so a ceiling near {(2 - others) / used:.2f}x"
             )
             continue
         # Without CPU records: direct saturates one core with the mock upstream and wrk together, so
