@@ -18,7 +18,7 @@ from accounts.admin import UserAdmin as AccessUserAdmin
 from accounts.models import User
 from billing.models import Balance, CreditTransaction, Tariff
 from billing.services import grant_credits, parse_amount, remove_credits
-from common.admin import ReadOnlyAdmin
+from common.admin import LargeTableAdmin, ReadOnlyAdmin
 from common.numbers import plain_decimal
 
 # --- users: identity and access come from accounts, money is added here ----------------------
@@ -114,7 +114,7 @@ class UserAdmin(AccessUserAdmin):
 
 
 @admin.register(CreditTransaction)
-class CreditTransactionAdmin(ReadOnlyAdmin):
+class CreditTransactionAdmin(LargeTableAdmin):
     list_display = ("created_at", "user", "kind", "signed", "tier", "description", "source_id", "created_by")
     list_select_related = ("user", "created_by")
     list_filter = ("kind", "tier")

@@ -119,3 +119,16 @@ def test_a_key_created_from_the_user_page_shows_its_secret_once(admin_page: Page
     page.reload()
     assert not SECRET_PATTERN.search(page.content())
     shoot(page, "key-page")
+
+
+def test_the_request_log_narrows_to_today_and_an_error_code(admin_page: Page, seeded: dict) -> None:  # noqa: F811
+    page = admin_page
+    page.goto("/admin/gateway/requestlog/")
+    assert "111 request logs" in page.locator(".paginator").inner_text()  # the call two days ago too
+    page.click("#changelist-filter >> text=Today")
+    assert "110 request logs" in page.locator(".paginator").inner_text()
+    page.click("#changelist-filter >> text=invalid_api_key")
+    rows = page.locator("#result_list tbody tr")
+    assert rows.count() == 10
+    assert set(rows.locator("td.field-status_code").all_inner_texts()) == {"401"}
+    shoot(page, "request-log-today-401")

@@ -7,7 +7,9 @@ import io
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from accounts.models import User
@@ -69,6 +71,38 @@ def test_a_call_is_found_by_the_id_its_client_saw(staff_client: Client, logs: li
     assert shown(staff_client.get(CHANGELIST, {"q": logs[0].request_id})) == [logs[0].request_id]
     # A /responses call's client saw resp_<the same hex>.
     assert shown(staff_client.get(CHANGELIST, {"q": "resp_" + "a" * 32})) == [logs[0].request_id]
+
+
+def test_an_id_search_reads_one_row_through_the_index(staff_client: Client, logs: list[RequestLog]) -> None:
+    with CaptureQueriesContext(connection) as queries:
+        found = shown(staff_client.get(CHANGELIST, {"q": logs[1].request_id}))
+
+    assert found == [logs[1].request_id]
+    # A case-insensitive or contains match (UPPER, LIKE) cannot use the index: it reads the whole log.
+    assert not [q["sql"] for q in queries.captured_queries if "UPPER(" in q["sql"] or " LIKE " in q["sql"]]
+
+
+def test_the_unfiltered_list_reads_nothing_whole(
+    staff_client: Client, logs: list[RequestLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No DISTINCT over the log (a date hierarchy, field filters' choices), and on PostgreSQL no COUNT(*)
+    once the table is large (here: the threshold lowered, the table analyzed)."""
+    monkeypatch.setattr("common.admin.EXACT_COUNT_BELOW", 1, raising=False)
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"ANALYZE {RequestLog._meta.db_table}")
+
+    with CaptureQueriesContext(connection) as queries:
+        response = staff_client.get(CHANGELIST)
+
+    assert response.context["cl"].result_count == 2
+    sql = [q["sql"] for q in queries.captured_queries if RequestLog._meta.db_table in q["sql"]]
+    assert not [q for q in sql if "DISTINCT" in q]
+    counted = [q for q in sql if "COUNT(" in q]
+    assert not counted if connection.vendor == "postgresql" else counted
+    html = response.content.decode()
+    assert "Past 7 days" in html  # the date filter's fixed ranges
+    assert "invalid_api_key" in html and "gpt-test" in html  # the newest calls' values as choices
 
 
 def test_the_selected_calls_export_as_csv(staff_client: Client, logs: list[RequestLog]) -> None:
