@@ -10,13 +10,15 @@ PostgreSQL a database `CREATE`-d on `--pg-admin-url` for the run and dropped aft
 process of CHECKOUT on that database journals `--batch` finished calls the way
 `gateway.views.record_call` does (`journal_line(...)`, `journal().append`) and runs the writer's
 flush (`accountant.flush()`: read back, price, charge, log, `budget.written`), `--batches` times
-after one warm-up batch. It reads its own CPU time (`time.process_time`) around each flush.
+after one warm-up batch. It reads its own CPU time (`time.process_time`) around each flush, and on
+PostgreSQL also the CPU time of the server process serving its connection (`pg_backend_pid()`, read
+from /proc: the server runs on this machine).
 
 With `--redis-url`, PostgreSQL is measured a second time with `REDIS_URL` set (credits in Redis,
 under `--redis-prefix`, whose keys are deleted afterwards), as the Redis targets of `run.sh` run.
 
 Prints one ``BENCHJSON {...}`` line per database: the median over batches of CPU microseconds per
-record, and every batch.
+record and every batch; on PostgreSQL also the server's CPU microseconds per record, over all batches.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def child(batches: int, batch: int) -> None:
     import django
 
     django.setup()
+    from django.db import connection
+    from responses_cost import cpu_seconds
+
     from accounts.models import ApiKey
     from gateway.accounting import accountant, journal_line
     from gateway.journal import journal
@@ -94,18 +99,26 @@ def child(batches: int, batch: int) -> None:
                 )
             )
 
-    per_record = []
+    def database_cpu() -> float:
+        if connection.vendor != "postgresql":
+            return 0.0
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            return cpu_seconds(cursor.fetchone()[0])
+
+    per_record, database = [], []
     for round_ in range(batches + 1):
         append(batch)
-        before = time.process_time()
+        before, before_db = time.process_time(), database_cpu()
         accountant.flush()
-        spent = time.process_time() - before
+        spent, spent_db = time.process_time() - before, database_cpu() - before_db
         if round_:  # the first one warms up: imports, the connection, the caches
             per_record.append(spent / batch * 1e6)
-    print(orjson.dumps(per_record).decode())
+            database.append(spent_db / batch * 1e6)
+    print(orjson.dumps([per_record, database]).decode())
 
 
-def measure(root: Path, env: dict[str, str], batches: int, batch: int) -> list[float]:
+def measure(root: Path, env: dict[str, str], batches: int, batch: int) -> list[list[float]]:
     reply = subprocess.run(
         [PY, str(HERE), "--child", "--batches", str(batches), "--batch", str(batch)],
         cwd=root,
@@ -165,13 +178,15 @@ def main() -> None:
                 redis_env = {**env, "REDIS_URL": args.redis_url, "REDIS_PREFIX": args.redis_prefix}
                 runs.append(("postgres+redis", redis_env))
         for name, env in runs:
-            values = measure(root, env, args.batches, args.batch)
+            values, database = measure(root, env, args.batches, args.batch)
             line = {
                 "database": name,
                 "batch": args.batch,
                 "cpu_us_per_record": round(statistics.median(values), 1),
                 "batches": [round(v, 1) for v in values],
             }
+            if name.startswith("postgres"):  # over all batches: /proc counts in ticks of 10 ms
+                line["db_cpu_us_per_record"] = round(statistics.fmean(database), 1)
             print("BENCHJSON " + orjson.dumps(line).decode(), flush=True)
     finally:
         if "postgres" in args.databases:
