@@ -17,7 +17,7 @@ from django.utils.safestring import mark_safe
 from accounts.models import EVERYONE, AccessGroup
 from billing.models import PRICE, Tariff, Tier, price_key
 from billing.services import set_tariff
-from common.admin import ReadOnlyAdmin
+from common.admin import LargeTableAdmin, ReadOnlyAdmin
 from gateway.credential_form import CredentialForm
 from gateway.jobs import cancel_job
 from gateway.models import (
@@ -353,7 +353,7 @@ class DeployedModelAdmin(admin.ModelAdmin):
 
 
 @admin.register(InferenceRequest)
-class InferenceRequestAdmin(ReadOnlyAdmin):
+class InferenceRequestAdmin(LargeTableAdmin):  # a row per flex job, batch line, stored response
     list_display = (
         "public_id",
         "owner",
