@@ -1,5 +1,6 @@
 # The usage dashboard on a large request log: seed LOG_ROWS rows over 30 days, then time each
-# period's page queries (gateway/usage.py) and a user's and a key's spend, best of ROUNDS.
+# period's page queries (gateway/usage.py), a user's and a key's spend, and the request log's admin
+# pages as an operator opens them (the list, a search by request id, a filter), best of ROUNDS.
 #
 #   DATABASE_URL=sqlite:////tmp/dash.sqlite3 .venv/bin/python manage.py migrate -v0
 #   DATABASE_URL=sqlite:////tmp/dash.sqlite3 LOG_ROWS=1000000 \
@@ -15,6 +16,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 from django.db import connection, transaction
+from django.test import Client
 from django.utils import timezone
 
 from accounts.models import ApiKey, User
@@ -132,3 +134,19 @@ for period in PERIODS:
     print(f"| dashboard {period} ({board.totals.requests:,} calls, {len(board.points)} points) | {seconds:.3f} |")
 print(f"| a user's spend today / this month | {best(lambda: spend_of(user_id=user.pk)):.3f} |")
 print(f"| a key's spend today / this month | {best(lambda: spend_of(api_key_id=key.pk)):.3f} |")
+
+operator = User.objects.filter(username="dash-operator").first() or User.objects.create_superuser("dash-operator")
+browser = Client(HTTP_HOST="localhost")
+browser.force_login(operator)
+newest = RequestLog.objects.order_by("-created_at").values_list("request_id", flat=True)[0]
+week_ago = str(timezone.now().date() - timedelta(days=7))
+for page, query in (
+    ("the request log's admin list", {}),
+    ("a search there by request id", {"q": newest}),
+    (
+        "its 401s of the past 7 days",
+        {"status_class": "4", "created_at__gte": week_ago},
+    ),
+):
+    assert browser.get("/admin/gateway/requestlog/", query).status_code == 200
+    print(f"| {page} | {best(lambda q=query: browser.get('/admin/gateway/requestlog/', q)):.3f} |")
