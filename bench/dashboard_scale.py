@@ -139,7 +139,7 @@ operator = User.objects.filter(username="dash-operator").first() or User.objects
 browser = Client(HTTP_HOST="localhost")
 browser.force_login(operator)
 newest = RequestLog.objects.order_by("-created_at").values_list("request_id", flat=True)[0]
-week_ago = str(timezone.now().date() - timedelta(days=7))
+week_ago = str(timezone.now() - timedelta(days=7))
 for page, query in (
     ("the request log's admin list", {}),
     ("a search there by request id", {"q": newest}),
