@@ -198,6 +198,34 @@ cpu_snap() {
   python3 "$BENCH_DIR/cpu_share.py" snap --server $T_PID $T_PID2 --mock $MOCK_PID $SLOW_PID
 }
 
+# pairs MODE STREAM TAG: in the two-process round, its first process alone (wrk and the mocks on the
+# other CPU, as in the one-process round) and then both processes, PAIRS times, each PAIR_DURATION:
+# the two figures of a pair are taken seconds apart, so a machine whose speed drifts between targets
+# (measured: the same one-process run 3,599 and 2,191 req/s minutes apart) does not decide the ratio.
+# The order alternates (one-both, both-one, …), so a drift within the pairs favours neither.
+pairs() {
+  local mode=$1 stream=$2 tag=$3 i run order out alone cpus=()
+  read -ra cpus <<<"$TWO_PROC_CPUS"
+  alone=${cpus[1]:-$TWO_PROC_LOAD_CPUS}
+  for ((i = 1; i <= PAIRS; i++)); do
+    order="one both"
+    if ((i % 2 == 0)); then order="both one"; fi
+    for run in $order; do
+      if [[ $run == one ]]; then
+        T_LOAD_CPUS=$alone
+        pin_mocks "$T_LOAD_CPUS"
+        out=$(load "$TPUT_CONNS" "$PAIR_DURATION" "$T_URL" "" "$T_MODEL" "$stream" "$T_HEADERS" "$tag-pair$i-one")
+        T_LOAD_CPUS=$TWO_PROC_LOAD_CPUS
+        pin_mocks "$T_LOAD_CPUS"
+      else
+        out=$(load "$TPUT_CONNS" "$PAIR_DURATION" "$T_URL" "$T_URL2" "$T_MODEL" "$stream" "$T_HEADERS" "$tag-pair$i-both")
+      fi
+      record kind=wrk round="$ROUND" target="$TARGET" mode="$mode" phase="pair$i-$run" conns="$TPUT_CONNS" "$out"
+      log "round $ROUND $TARGET $mode pair $i, $run: $(jget "$out" rps) req/s"
+    done
+  done
+}
+
 measure_target() {
   local name=$1 mode stream lat tput tag warm before after
   TARGET=$name
@@ -220,6 +248,7 @@ measure_target() {
     record kind=cpu round="$ROUND" target="$name" mode="$mode" "$(python3 "$BENCH_DIR/cpu_share.py" diff "$before" "$after")"
     log "round $ROUND $name $mode: ${LAT_CONNS}-conn p50 $(jget "$lat" p50_ms) ms p99 $(jget "$lat" p99_ms) ms |" \
       "${TPUT_CONNS}-conn $(jget "$tput" rps) req/s p99 $(jget "$tput" p99_ms) ms | errors $(jget "$lat" errors)+$(jget "$tput" errors)"
+    if [[ -n "$T_URL2" ]]; then pairs "$mode" "$stream" "$tag"; fi
   done
   if [[ $SLOW == 1 && -n "$T_SLOW_URL" ]]; then
     tag=r$ROUND-$name-slow
