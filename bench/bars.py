@@ -89,8 +89,9 @@ def bars_section(runs, label, meta, lines, jsonl):
         if runs.series("gateway-2proc", mode, "tput", "rps"):
             across = runs.relative("gateway-2proc", mode, "tput", "rps", "gateway-redis", lambda a, b: a / b)
             name = f"2 processes ≥ {TWO_PROCESSES:g}x 1 process"
-            bar(name, mode, "gateway-2proc", pair_ratios(runs, mode) or across, 2, TWO_PROCESSES, True, "x")
-            if pair_ratios(runs, mode):
+            paired = pair_ratios(runs, mode)
+            bar(name, mode, "gateway-2proc", paired or across, 2, TWO_PROCESSES, True, "x")
+            if paired:
                 who = label.get("gateway-2proc", "gateway-2proc")
                 lines.append(f"| (against the one-process target) | {mode} | {who} | {_cells(across, 2)} | | |")
     lines.append("")
