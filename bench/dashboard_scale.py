@@ -1,6 +1,7 @@
 # The usage dashboard on a large request log: seed LOG_ROWS rows over 30 days, then time each
 # period's page queries (gateway/usage.py), a user's and a key's spend, and the request log's admin
-# pages as an operator opens them (the list, a search by request id, a filter), best of ROUNDS.
+# pages as an operator opens them (the list, a search by request id and by username, a filter), best
+# of ROUNDS.
 #
 #   DATABASE_URL=sqlite:////tmp/dash.sqlite3 .venv/bin/python manage.py migrate -v0
 #   DATABASE_URL=sqlite:////tmp/dash.sqlite3 LOG_ROWS=1000000 \
@@ -143,6 +144,7 @@ week_ago = str(timezone.now() - timedelta(days=7))
 for page, query in (
     ("the request log's admin list", {}),
     ("a search there by request id", {"q": newest}),
+    ("a search there by username", {"q": user.username}),
     (
         "its 401s of the past 7 days",
         {"status_class": "4", "created_at__gte": week_ago},

@@ -3,8 +3,8 @@
 The log grows by a row per call, so no page reads all of it: the unfiltered list is counted from
 PostgreSQL's estimate, with no facet counts (common.admin.LargeTableAdmin); the date filter offers
 fixed ranges (a date hierarchy lists the dates present: a DISTINCT over the whole log); the
-error-code and model filters offer the values of the newest calls; an id a client saw is found
-through its index.
+error-code and model filters offer the values of the newest calls; an id a client saw and a
+username are found through an index.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
+from accounts.models import User
 from common.admin import LargeTableAdmin
 from common.numbers import plain_decimal
 from gateway.models import RequestLog
@@ -137,13 +138,17 @@ class RequestLogAdmin(LargeTableAdmin):
         return "—" if log.cost is None else plain_decimal(log.cost)
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[RequestLog], search_term: str) -> Any:
-        # Operators paste what a client saw: `req_<hex>`, or the `resp_<hex>` of a /responses call.
+        # Operators paste what a client saw: `req_<hex>`, or the `resp_<hex>` of a /responses call; or
+        # a username. Both are found through an index; the search below reads the whole log.
         term = search_term.strip()
         if term.startswith("resp_"):
             term = "req_" + term.removeprefix("resp_")
         exact = queryset.filter(request_id=term)
-        if exact.exists():  # through the unique index; the search below reads the whole log
+        if exact.exists():
             return exact, False
+        user = User.objects.filter(username=term).first()
+        if user is not None:
+            return queryset.filter(user=user), False
         return super().get_search_results(request, queryset, term)
 
     @admin.action(description="Export the selected calls as CSV")

@@ -82,6 +82,16 @@ def test_an_id_search_reads_one_row_through_the_index(staff_client: Client, logs
     assert not [q["sql"] for q in queries.captured_queries if "UPPER(" in q["sql"] or " LIKE " in q["sql"]]
 
 
+def test_a_username_search_finds_that_users_calls_through_the_index(
+    staff_client: Client, logs: list[RequestLog]
+) -> None:
+    with CaptureQueriesContext(connection) as queries:
+        found = shown(staff_client.get(CHANGELIST, {"q": logs[0].user.username}))
+
+    assert found == [logs[0].request_id]
+    assert not [q["sql"] for q in queries.captured_queries if "UPPER(" in q["sql"] or " LIKE " in q["sql"]]
+
+
 def test_the_unfiltered_list_reads_nothing_whole(
     staff_client: Client, logs: list[RequestLog], monkeypatch: pytest.MonkeyPatch
 ) -> None:
