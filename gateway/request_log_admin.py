@@ -3,8 +3,8 @@
 The log grows by a row per call, so no page reads all of it: the unfiltered list is counted from
 PostgreSQL's estimate, with no facet counts (common.admin.LargeTableAdmin); the date filter offers
 fixed ranges (a date hierarchy lists the dates present: a DISTINCT over the whole log); the
-error-code and model filters offer the values of the newest calls; an id a client saw and a
-username are found through an index.
+error-code and model filters offer the values of the newest calls; an id a client saw and an
+exact username are found through an index.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class RequestLogAdmin(LargeTableAdmin):
         # Operators paste what a client saw: `req_<hex>`, or the `resp_<hex>` of a /responses call; or
         # a username. Both are found through an index; the search below reads the whole log.
         term = search_term.strip()
+        if not term:  # every list page comes through here, searched or not
+            return queryset, False
         if term.startswith("resp_"):
             term = "req_" + term.removeprefix("resp_")
         exact = queryset.filter(request_id=term)
