@@ -125,9 +125,12 @@ def test_the_request_log_narrows_to_today_and_an_error_code(admin_page: Page, se
     page = admin_page
     page.goto("/admin/gateway/requestlog/")
     assert "111 request logs" in page.locator(".paginator").inner_text()  # the call two days ago too
+    # Each click loads a new page: wait for it (a slow machine may still show the old one, or none).
     page.click("#changelist-filter >> text=Today")
+    page.wait_for_url("**created_at__gte=*")
     assert "110 request logs" in page.locator(".paginator").inner_text()
     page.click("#changelist-filter >> text=invalid_api_key")
+    page.wait_for_url("**error_code=invalid_api_key*")
     rows = page.locator("#result_list tbody tr")
     assert rows.count() == 10
     assert set(rows.locator("td.field-status_code").all_inner_texts()) == {"401"}
